@@ -1,0 +1,179 @@
+"""Write task vectors and edited models from a store, one tensor chunk at a time."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tvbasis.engine.streaming import DEFAULT_CHUNK_ELEMENTS
+from tvbasis.errors import CheckpointError, TvbasisError
+from tvbasis.io.checkpoint import BIN_INDEX, SAFETENSORS_INDEX, Checkpoint, open_checkpoint
+from tvbasis.io.outputs import atomic_output, check_output_path
+from tvbasis.io.writer import SafetensorsStreamWriter, ShardedWriter, TensorSpec, shard_plan, tensor_bytes
+from tvbasis.progress import progress
+from tvbasis.store.format import Store
+from tvbasis.tasks.taskvectors import plan_chunks
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def write_task_vector(
+    store: Store,
+    coefficients: np.ndarray,
+    out: str | Path,
+    *,
+    dtype: str = "fp32",
+    overwrite: bool = False,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> Path:
+    """Write ``sum_k c_k s_k`` as one safetensors file keyed by the base's tensor names."""
+    out = Path(out)
+    if dtype not in DTYPES:
+        raise TvbasisError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    tensors = store.tensors
+    specs = [TensorSpec(i.name, i.shape, DTYPES[dtype]) for i in tensors]
+    with atomic_output(out, overwrite=overwrite, directory=False) as tmp:
+        with (
+            SafetensorsStreamWriter(tmp, specs, metadata={"tvbasis_store": str(store.path)}) as w,
+            progress(sum(i.numel for i in tensors), "Writing", unit="param") as bar,
+        ):
+            for chunk in plan_chunks(tensors, chunk_elements):
+                rows = store.combination_rows(chunk, coefficients)
+                w.write(chunk.tensor, rows.reshape(_row_shape(store, chunk.tensor, chunk.start, chunk.stop)))
+                bar.update(chunk.numel)
+    return out
+
+
+def _row_shape(store: Store, name: str, start: int, stop: int) -> tuple[int, ...]:
+    shape = store.shape_of(name)
+    return (stop - start, *shape[1:]) if shape else ()
+
+
+def reconstruct_task(store: Store, task: str, out: str | Path, **kwargs: object) -> Path:
+    """Write task ``task``'s reconstructed task vector, reading only the stored vectors."""
+    t = store.task_index(task)
+    return write_task_vector(store, store.decoder[:, t], out, **kwargs)  # type: ignore[arg-type]
+
+
+def check_base_layout(store: Store, base: Checkpoint) -> None:
+    """Refuse a base whose tensor names, shapes or dtypes differ from the store's base."""
+    expected = {name: (tuple(shape), dtype) for name, shape, dtype in store.manifest["base"]["tensors"]}
+    actual = {i.name: (i.shape, str(i.dtype).removeprefix("torch.")) for i in base.infos()}
+    for name, (shape, dtype) in expected.items():
+        if name not in actual:
+            raise CheckpointError(
+                f"{base.path}: base does not match the store: tensor {name!r} is missing "
+                f"(pass --ignore-base-mismatch to override)"
+            )
+        if actual[name] != (shape, dtype):
+            raise CheckpointError(
+                f"{base.path}: base does not match the store: tensor {name!r} is "
+                f"{actual[name][1]} {list(actual[name][0])}, the store's base had {dtype} {list(shape)} "
+                f"(pass --ignore-base-mismatch to override)"
+            )
+    extra = sorted(set(actual) - set(expected))
+    if extra:
+        raise CheckpointError(
+            f"{base.path}: base does not match the store: it has tensor {extra[0]!r} "
+            f"that the store's base had not (pass --ignore-base-mismatch to override)"
+        )
+
+
+def _output_plan(base: Checkpoint, out: Path, max_shard_bytes: int) -> tuple[bool, list[tuple[str, list[TensorSpec]]]]:
+    """Whether the output is a directory, and its files: the base's own layout where it is safetensors."""
+    specs = {i.name: TensorSpec(i.name, i.shape, i.dtype) for i in base.infos()}
+    if base.kind in ("hf-safetensors", "hf-sharded-safetensors"):
+        plan = [(f.name, [specs[n] for n in base.names_in(f)]) for f in base.weight_files()]
+        return True, plan
+    if base.kind in ("hf-bin", "hf-sharded-bin"):
+        return True, shard_plan(list(specs.values()), max_shard_bytes, stem="model")
+    if out.suffix != ".safetensors":
+        raise TvbasisError(
+            f"--out {out}: the base is a single file, so the edited model is one "
+            f"safetensors file; name it *.safetensors"
+        )
+    return False, [(out.name, list(specs.values()))]
+
+
+def _copy_side_files(base: Checkpoint, dest: Path) -> None:
+    """Copy config, tokenizer and every other non-weight file of an HF model directory."""
+    weights = {f.resolve() for f in base.weight_files()}
+    skip = {SAFETENSORS_INDEX, BIN_INDEX}
+    for src in sorted(base.path.iterdir()):
+        if src.resolve() in weights or src.name in skip or src.name.startswith("."):
+            continue
+        if src.is_dir():
+            shutil.copytree(src, dest / src.name)
+        else:
+            shutil.copy2(src, dest / src.name)
+
+
+def edit_model(
+    base: str | Path,
+    store: Store,
+    coefficients: np.ndarray,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    ignore_base_mismatch: bool = False,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    max_shard_bytes: int = 5 * 1024**3,
+) -> Path:
+    """Write ``theta_0 + sum_k c_k s_k`` with the base's layout, streaming tensor chunk by chunk.
+
+    Needs only the base and the store. The base must match the store's fingerprint: names,
+    shapes and dtypes are checked first; the content hash is computed while streaming and
+    checked before the output is given its final name.
+    """
+    out = Path(out)
+    check_output_path(out, overwrite)
+    ckpt = open_checkpoint(base)
+    if not ignore_base_mismatch:
+        check_base_layout(store, ckpt)
+    is_dir, plan = _output_plan(ckpt, out, max_shard_bytes)
+    layout = {i.name: i for i in store.tensors}
+    for name in layout:
+        if name not in ckpt:
+            raise CheckpointError(f"{ckpt.path}: base lacks tensor {name!r} that the store edits")
+        if ckpt.info(name).shape != layout[name].shape:
+            raise CheckpointError(
+                f"{ckpt.path}: tensor {name!r} has shape {list(ckpt.info(name).shape)}, "
+                f"the store's is {list(layout[name].shape)}"
+            )
+    hasher = hashlib.sha256()
+    total = sum(i.numel for i in ckpt.infos())
+    with atomic_output(out, overwrite=overwrite, directory=is_dir) as tmp:
+        target_dir = tmp if is_dir else tmp.parent
+        plan = plan if is_dir else [(tmp.name, plan[0][1])]
+        with (
+            ShardedWriter(
+                target_dir, plan, index_name=SAFETENSORS_INDEX if is_dir else None, metadata={"format": "pt"}
+            ) as writer,
+            progress(total, "Editing", unit="param") as bar,
+        ):
+            # Tensors go in layout order so the content hash matches the build's.
+            order = [i.name for i in ckpt.infos()]
+            for name in order:
+                info = ckpt.info(name)
+                if name not in layout:
+                    writer.write(name, ckpt.read(name))
+                    bar.update(info.numel)
+                    continue
+                for chunk in plan_chunks([info], chunk_elements):
+                    rows = ckpt.read(name) if not info.shape else ckpt.read(name, chunk.start, chunk.stop)
+                    hasher.update(tensor_bytes(rows))
+                    delta = store.combination_rows(chunk, coefficients).reshape(rows.shape)
+                    writer.write(name, (rows.to(torch.float64) + delta).to(info.dtype))
+                    bar.update(chunk.numel)
+        if not ignore_base_mismatch and hasher.hexdigest() != store.manifest["base"]["content_sha256"]:
+            raise CheckpointError(
+                f"{ckpt.path}: base does not match the store: its weights differ from "
+                f"those the store was built on (pass --ignore-base-mismatch to override)"
+            )
+        if is_dir and ckpt.path.is_dir():
+            _copy_side_files(ckpt, tmp)
+    return out

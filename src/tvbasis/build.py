@@ -1,0 +1,230 @@
+"""The build pipeline: checkpoints -> task vectors -> Gram pass -> fit -> atom pass -> store."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tvbasis import __version__
+from tvbasis.engine.streaming import DEFAULT_CHUNK_ELEMENTS, AtomStats, atom_pass, gram_pass
+from tvbasis.errors import TvbasisError
+from tvbasis.io.checkpoint import Checkpoint
+from tvbasis.io.outputs import atomic_output, check_output_path
+from tvbasis.io.writer import ShardedWriter, TensorSpec, shard_plan
+from tvbasis.methods import BasisMethod
+from tvbasis.store.format import (
+    ATOMS_DIR,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST,
+    MATRICES,
+    STORE_DTYPES,
+    Store,
+    file_sizes,
+    open_store,
+    save_matrices,
+    vector_names,
+)
+from tvbasis.store.metrics import reconstruction_metrics
+from tvbasis.tasks.taskvectors import Chunk, TaskSource, TaskVectorSet
+
+DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+
+
+def base_fingerprint(base: Checkpoint, content_sha256: str) -> dict[str, Any]:
+    """Names, shapes and dtypes of every base tensor plus a hash of the task-vector tensors' bytes."""
+    tensors = [[i.name, list(i.shape), str(i.dtype).removeprefix("torch.")] for i in base.infos()]
+    layout_hash = hashlib.sha256(json.dumps(tensors).encode()).hexdigest()
+    return {
+        "source": str(base.path),
+        "tensors": tensors,
+        "layout_sha256": layout_hash,
+        "content_sha256": content_sha256,
+        "fingerprint": hashlib.sha256((layout_hash + content_sha256).encode()).hexdigest()[:16],
+    }
+
+
+def _model_card(manifest: dict[str, Any]) -> str:
+    rows = "\n".join(f"| {t['name']} | {t['rel_error']:.4f} | {t['cosine']:.4f} |" for t in manifest["tasks"])
+    b = manifest["bytes"]
+    return (
+        f"---\nlibrary_name: tvbasis\ntags: [task-vectors, task-arithmetic]\n---\n\n"
+        f"# Task vector basis ({manifest['method']['name']}, M = {manifest['n_atoms']}, "
+        f"T = {manifest['n_tasks']})\n\n"
+        f"Built by tvbasis {manifest['tvbasis_version']} from base `{manifest['base']['source']}`.\n"
+        f"Stored bytes: {b['total']:,} ({100 * b['ratio']:.1f}% of the {manifest['n_tasks']} fp32 task vectors).\n\n"
+        f"| task | relative error | cosine |\n|---|---|---|\n{rows}\n\n"
+        f"Use: `tvbasis info STORE`, `tvbasis reconstruct STORE --task NAME --out FILE`, "
+        f"`tvbasis edit --base BASE --store STORE --add NAME=1 --out OUT`.\n"
+    )
+
+
+def build_store(
+    base: str | Path,
+    tasks: Sequence[TaskSource],
+    method: BasisMethod,
+    out: str | Path,
+    *,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    dtype: str = "fp32",
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
+) -> Store:
+    """Compress the task vectors of ``tasks`` (relative to ``base``) into a store at ``out``.
+
+    Two streaming passes over the inputs (one for the random basis): the Gram pass, then
+    the atom pass, which writes the atoms chunk by chunk. Nothing is written under ``out``
+    until the store is complete.
+    """
+    out = Path(out)
+    if dtype not in STORE_DTYPES:
+        raise TvbasisError(f"--dtype {dtype!r}: choose one of {', '.join(STORE_DTYPES)}")
+    check_output_path(out, overwrite)
+    tvs = TaskVectorSet(base, tasks, include, exclude)
+    method.check_n_tasks(tvs.n_tasks)
+
+    stats = gram_pass(tvs, chunk_elements, observe=method.observe if method.observes else None)
+    method.fit(stats.gram)
+
+    store_dtype = STORE_DTYPES[dtype]
+    with atomic_output(out, overwrite=overwrite) as tmp:
+        names = vector_names(method.n_atoms, method.has_mean_)
+        vectors: list[dict[str, Any]] = []
+        if method.stores_atoms:
+            atom_stats = _write_atoms(tvs, method, tmp, names, store_dtype, chunk_elements, max_shard_bytes, vectors)
+            if method.decoder_from_atoms:
+                method.fit_decoder(atom_stats.atom_gram, atom_stats.atom_cross)
+            atom_gram, atom_cross = atom_stats.atom_gram, atom_stats.atom_cross
+        else:
+            atom_gram, atom_cross = method.atom_stats()  # type: ignore[attr-defined]
+        assert method.decoder_ is not None
+        metrics = reconstruction_metrics(stats.gram, atom_gram, atom_cross, method.decoder_)
+
+        arrays = {"decoder": method.decoder_, "gram": stats.gram, "atom_gram": atom_gram, "atom_cross": atom_cross}
+        arrays.update({f"state.{k}": v for k, v in method.state_arrays().items()})
+        save_matrices(tmp / MATRICES, arrays)
+
+        manifest = _manifest(tvs, method, stats.base_sha256, stats.task_sha256, metrics, dtype, vectors)
+        _finalise(tmp, manifest, tvs)
+    return open_store(out)
+
+
+def _finalise(tmp: Path, manifest: dict[str, Any], tvs: TaskVectorSet) -> None:
+    """Write the model card and, last, the manifest; byte counts include both of them."""
+    sizes = file_sizes(tmp)
+    card_len = man_len = 0
+    for _ in range(10):  # the counts appear in the texts they count: iterate to a fixed point
+        manifest["files"] = {**sizes, "README.md": card_len}
+        manifest["bytes"] = _byte_counts(manifest["files"], man_len, tvs)
+        card = _model_card(manifest).encode()
+        text = (json.dumps(manifest, indent=2) + "\n").encode()
+        if (len(card), len(text)) == (card_len, man_len):
+            break
+        card_len, man_len = len(card), len(text)
+    (tmp / "README.md").write_bytes(card)
+    (tmp / MANIFEST).write_bytes(text)  # last: its presence marks the store complete
+
+
+def _write_atoms(
+    tvs: TaskVectorSet,
+    method: BasisMethod,
+    tmp: Path,
+    names: list[str],
+    store_dtype: torch.dtype,
+    chunk_elements: int,
+    max_shard_bytes: int,
+    vectors: list[dict[str, Any]],
+) -> AtomStats:
+    (tmp / ATOMS_DIR).mkdir()
+    specs = [TensorSpec(i.name, i.shape, store_dtype) for i in tvs.tensors]
+    shapes = {i.name: i.shape for i in tvs.tensors}
+    writers: list[ShardedWriter] = []
+    for name in names:
+        plan = shard_plan(specs, max_shard_bytes, stem=name)
+        writers.append(ShardedWriter(tmp / ATOMS_DIR, plan, metadata={"tvbasis_vector": name}))
+        vectors.append({"name": name, "files": [f"{ATOMS_DIR}/{f}" for f, _ in plan]})
+
+    def sink(chunk: Chunk, S: torch.Tensor) -> torch.Tensor:
+        shape = shapes[chunk.tensor]
+        row_shape = (chunk.stop - chunk.start, *shape[1:]) if shape else ()
+        stored = S.to(store_dtype)
+        for k, w in enumerate(writers):
+            w.write(chunk.tensor, stored[:, k].reshape(row_shape))
+        return stored.to(torch.float64)
+
+    try:
+        stats = atom_pass(tvs, method.atom_rows, sink, chunk_elements)
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+    for w in writers:
+        w.close()
+    return stats
+
+
+def _manifest(
+    tvs: TaskVectorSet,
+    method: BasisMethod,
+    base_sha: str,
+    task_sha: list[str],
+    metrics: dict[str, np.ndarray],
+    dtype: str,
+    vectors: list[dict[str, Any]],
+) -> dict[str, Any]:
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "tvbasis_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "method": {
+            "name": method.name,
+            "params": method.get_params(),
+            "state": method.state_scalars(),
+            "report": method.report(),
+        },
+        "n_atoms": method.n_atoms,
+        "n_tasks": tvs.n_tasks,
+        "n_vectors": method.n_vectors,
+        "has_mean": method.has_mean_,
+        "dim": tvs.dim,
+        "tasks": [
+            {
+                "name": src.name,
+                "source": str(src.path),
+                "sha256": task_sha[t] if task_sha else "",
+                "norm": float(np.sqrt(metrics["sq_norm"][t])),
+                "rel_error": float(metrics["rel_error"][t]),
+                "cosine": float(metrics["cosine"][t]),
+            }
+            for t, src in enumerate(tvs.sources)
+        ],
+        "selection": {"include": tvs.include, "exclude": tvs.exclude},
+        "layout": [[i.name, list(i.shape), str(i.dtype).removeprefix("torch.")] for i in tvs.tensors],
+        "base": base_fingerprint(tvs.base, base_sha),
+        "atoms": {"stored": method.stores_atoms, "dtype": dtype, "vectors": vectors},
+    }
+
+
+def _byte_counts(files: dict[str, int], manifest_bytes: int, tvs: TaskVectorSet) -> dict[str, Any]:
+    atoms = sum(s for f, s in files.items() if f.startswith(f"{ATOMS_DIR}/"))
+    total = sum(files.values()) + manifest_bytes
+    original = tvs.dim * tvs.n_tasks * 4
+    return {
+        "atoms": atoms,
+        "matrices": files.get(MATRICES, 0),
+        "other": total - atoms - files.get(MATRICES, 0) - manifest_bytes,
+        "total": total,
+        "original_fp32": original,
+        "ratio": total / original if original else 0.0,
+        "manifest": manifest_bytes,
+    }

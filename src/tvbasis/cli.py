@@ -1,0 +1,290 @@
+"""The ``tvbasis`` command line: a thin layer over the Python API.
+
+Errors caused by the input print one line naming the file, tensor or option at fault and
+exit with status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tvbasis.errors import TvbasisError
+from tvbasis.progress import set_quiet
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Compress many task vectors of one base model into a basis and do task arithmetic on it.",
+)
+err = Console(stderr=True)
+out = Console()
+
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
+
+# Method options: None means "not given", so options that do not apply can be refused.
+METHOD_OPTIONS: dict[str, set[str]] = {
+    "autoencoder": {
+        "steps",
+        "lr",
+        "temperature",
+        "weight_decay",
+        "anneal_factor",
+        "anneal_every",
+        "min_temperature",
+        "linear",
+    },
+    "pca": {"center"},
+    "random": set(),
+    "sample": set(),
+    "cluster": {"algorithm", "merge", "density"},
+}
+
+
+def _fail(exc: TvbasisError) -> None:
+    err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def build(
+    base: Annotated[
+        str | None, typer.Option(help="Base checkpoint: .safetensors, HF model directory or torch file.")
+    ] = None,
+    task: Annotated[list[str] | None, typer.Option(help="A fine-tune as NAME=PATH; repeat for each task.")] = None,
+    method: Annotated[str | None, typer.Option(help="autoencoder, pca, random, sample or cluster.")] = None,
+    n_atoms: Annotated[int | None, typer.Option("-M", "--n-atoms", help="Number of basis vectors M (1..T).")] = None,
+    out_path: Annotated[Path | None, typer.Option("--out", help="Store directory to create.")] = None,
+    include: Annotated[list[str] | None, typer.Option(help="Only tensors whose name matches this glob.")] = None,
+    exclude: Annotated[
+        list[str] | None, typer.Option(help="Leave out tensors matching this glob (e.g. heads).")
+    ] = None,
+    dtype: Annotated[str | None, typer.Option(help="Atom dtype: fp32, fp16 or bf16.")] = None,
+    recipe: Annotated[Path | None, typer.Option(help="YAML recipe with base, tasks, method, M, settings.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of every random choice the method makes.")] = None,
+    steps: Annotated[int | None, typer.Option(help="[autoencoder] Adam steps (6000).")] = None,
+    lr: Annotated[float | None, typer.Option(help="[autoencoder] learning rate (1e-2).")] = None,
+    temperature: Annotated[float | None, typer.Option(help="[autoencoder] softmax temperature (5.0).")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="[autoencoder] weight decay (1e-6).")] = None,
+    anneal_factor: Annotated[
+        float | None, typer.Option(help="[autoencoder] multiply the temperature by this...")
+    ] = None,
+    anneal_every: Annotated[int | None, typer.Option(help="[autoencoder] ...every this many steps (0: never).")] = None,
+    min_temperature: Annotated[float | None, typer.Option(help="[autoencoder] temperature floor (0.1).")] = None,
+    linear: Annotated[bool | None, typer.Option("--linear", help="[autoencoder] linear encoder, no softmax.")] = None,
+    center: Annotated[bool | None, typer.Option("--center", help="[pca] centre first; the mean is stored.")] = None,
+    algorithm: Annotated[
+        str | None, typer.Option("--cluster-algorithm", help="[cluster] agglomerative or spectral.")
+    ] = None,
+    merge: Annotated[str | None, typer.Option("--cluster-merge", help="[cluster] mean or ties.")] = None,
+    density: Annotated[
+        float | None, typer.Option(help="[cluster ties] share of entries each task keeps (0.2).")
+    ] = None,
+    chunk_elements: Annotated[int, typer.Option(help="Entries per task read at a time.")] = 1 << 20,
+    max_shard_bytes: Annotated[int, typer.Option(help="Shard atoms above this many bytes.")] = 2 * 1024**3,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Compress T fine-tunes of BASE into M basis vectors, written as a store."""
+    from tvbasis.build import build_store
+    from tvbasis.methods import make_method
+    from tvbasis.recipe import Recipe, load_recipe
+    from tvbasis.tasks import parse_task_arg
+
+    set_quiet(quiet)
+    try:
+        rec, root = load_recipe(recipe) if recipe else (Recipe(), Path.cwd())
+        sources = [parse_task_arg(t) for t in task] if task else rec.task_sources(root)
+        base_path = base or (str(root / rec.base) if rec.base else None)
+        method_name = method or rec.method
+        m = n_atoms if n_atoms is not None else rec.n_atoms
+        if base_path is None:
+            raise TvbasisError("--base: missing (give --base or 'base:' in the recipe)")
+        if method_name is None:
+            raise TvbasisError("--method: missing (give --method or 'method:' in the recipe)")
+        if m is None:
+            raise TvbasisError("-M: missing (give -M or 'M:' in the recipe)")
+        if out_path is None:
+            raise TvbasisError("--out: missing")
+        given = {
+            "steps": steps,
+            "lr": lr,
+            "temperature": temperature,
+            "weight_decay": weight_decay,
+            "anneal_factor": anneal_factor,
+            "anneal_every": anneal_every,
+            "min_temperature": min_temperature,
+            "linear": linear,
+            "center": center,
+            "algorithm": algorithm,
+            "merge": merge,
+            "density": density,
+        }
+        settings: dict[str, Any] = dict(rec.settings)
+        settings.update({k: v for k, v in given.items() if v is not None})
+        if seed is not None:
+            settings["seed"] = seed
+        allowed = METHOD_OPTIONS.get(method_name, set()) | {"seed"}
+        wrong = sorted(set(settings) - allowed)
+        if wrong and method_name in METHOD_OPTIONS:
+            raise TvbasisError(f"option {wrong[0]!r} does not apply to --method {method_name}")
+        est = make_method(method_name, m, **settings)
+        store = build_store(
+            base_path,
+            sources,
+            est,
+            out_path,
+            include=include or rec.include,
+            exclude=exclude or rec.exclude,
+            dtype=dtype or rec.dtype or "fp32",
+            chunk_elements=chunk_elements,
+            max_shard_bytes=max_shard_bytes,
+            overwrite=overwrite,
+        )
+    except TvbasisError as exc:
+        _fail(exc)
+    if not quiet:
+        _print_info(store.summary())
+
+
+@app.command()
+def info(
+    store: Annotated[Path, typer.Argument(help="Store directory.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Describe a store: method, settings, tasks and their reconstruction quality, bytes."""
+    from tvbasis.store import open_store
+
+    try:
+        summary = open_store(store).summary()
+    except TvbasisError as exc:
+        _fail(exc)
+    if as_json:
+        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+    else:
+        _print_info(summary)
+
+
+def _print_info(s: dict[str, Any]) -> None:
+    b = s["bytes"]
+    out.print(
+        f"[bold]{s['path']}[/]: {s['method']} basis, M = {s['M']} of T = {s['T']} tasks"
+        f"{' (+ stored mean)' if s['has_mean'] else ''}, atoms {s['atom_dtype']}, D = {s['dim']:,}"
+    )
+    out.print("settings: " + ", ".join(f"{k}={v}" for k, v in s["settings"].items()), highlight=False)
+    if s["fit"]:
+        out.print(
+            "fit: " + ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in s["fit"].items()),
+            highlight=False,
+        )
+    table = Table("task", "relative error", "cosine", "norm")
+    for t in s["tasks"]:
+        table.add_row(t["name"], f"{t['rel_error']:.4f}", f"{t['cosine']:.4f}", f"{t['norm']:.4g}")
+    out.print(table)
+    out.print(
+        f"stored {b['total']:,} bytes (atoms {b['atoms']:,}, matrices {b['matrices']:,}, other "
+        f"{b['other'] + b['manifest']:,}) = {100 * b['ratio']:.2f}% of the {s['T']} fp32 task vectors "
+        f"({b['original_fp32']:,} bytes)",
+        highlight=False,
+    )
+
+
+@app.command()
+def reconstruct(
+    store: Annotated[Path, typer.Argument(help="Store directory.")],
+    task: Annotated[str, typer.Option(help="Task to reconstruct.")],
+    out_path: Annotated[Path, typer.Option("--out", help="Output .safetensors file.")],
+    dtype: Annotated[str, typer.Option(help="fp32, fp16 or bf16.")] = "fp32",
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Write one task's reconstructed task vector, reading only the M stored atoms."""
+    from tvbasis.arithmetic import reconstruct_task
+    from tvbasis.store import open_store
+
+    set_quiet(quiet)
+    try:
+        s = open_store(store)
+        reconstruct_task(s, task, out_path, dtype=dtype, overwrite=overwrite)
+    except TvbasisError as exc:
+        _fail(exc)
+    if not quiet:
+        out.print(f"wrote {out_path}")
+
+
+def _parse_add(items: list[str]) -> dict[str, float]:
+    adds: dict[str, float] = {}
+    for item in items:
+        name, sep, coef = item.partition("=")
+        if not name:
+            raise TvbasisError(f"--add {item!r}: expected NAME=COEF")
+        try:
+            value = float(coef) if sep else 1.0
+        except ValueError:
+            raise TvbasisError(f"--add {item!r}: {coef!r} is not a number") from None
+        if name in adds:
+            raise TvbasisError(f"--add {name}: given twice")
+        adds[name] = value
+    return adds
+
+
+@app.command()
+def edit(
+    base: Annotated[str, typer.Option(help="Base checkpoint the store was built on.")],
+    store: Annotated[Path, typer.Option(help="Store directory.")],
+    out_path: Annotated[
+        Path, typer.Option("--out", help="Edited model: a directory, or .safetensors for a file base.")
+    ],
+    add: Annotated[list[str] | None, typer.Option(help="NAME=COEF: add this task with this weight; repeat.")] = None,
+    add_all: Annotated[float | None, typer.Option(help="Add every task with this weight.")] = None,
+    negate: Annotated[list[str] | None, typer.Option(help="Subtract this task (weight -1); repeat.")] = None,
+    scale: Annotated[float, typer.Option("--scale", help="Overall coefficient lambda.")] = 1.0,
+    mode: Annotated[
+        str, typer.Option(help="tasks: S (W a) (default); atoms: the paper's unit sum of atoms.")
+    ] = "tasks",
+    ignore_base_mismatch: Annotated[bool, typer.Option(help="Edit a base other than the store's.")] = False,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Write BASE + scale * (combination of tasks) using only the store and the base."""
+    from tvbasis.arithmetic import atoms_sum_coefficients, edit_model, task_coefficients, task_weights
+    from tvbasis.store import open_store
+
+    set_quiet(quiet)
+    try:
+        s = open_store(store)
+        if mode == "atoms":
+            if add or negate or add_all is not None:
+                raise TvbasisError("--mode atoms sums the atoms with unit weights; drop --add/--negate/--add-all")
+            coefs = atoms_sum_coefficients(s.n_atoms, s.has_mean, scale)
+        elif mode == "tasks":
+            adds = _parse_add(add or [])
+            if add_all is not None:
+                for name in s.task_names:
+                    adds[name] = adds.get(name, 0.0) + add_all
+            if not adds and not negate:
+                raise TvbasisError("nothing to do: give --add NAME=COEF, --add-all COEF or --negate NAME")
+            coefs = task_coefficients(s.decoder, task_weights(s.task_names, adds, negate or []), scale)
+        else:
+            raise TvbasisError(f"--mode {mode!r}: choose tasks or atoms")
+        edit_model(base, s, coefs, out_path, overwrite=overwrite, ignore_base_mismatch=ignore_base_mismatch)
+    except TvbasisError as exc:
+        _fail(exc)
+    if not quiet:
+        out.print(f"wrote {out_path}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,285 @@
+"""Lazy, read-only access to one model's tensors, whatever format it is stored in.
+
+Supported inputs:
+
+- a single ``.safetensors`` file;
+- a Hugging Face model directory holding ``model.safetensors``, sharded safetensors with
+  ``model.safetensors.index.json``, ``pytorch_model.bin`` or sharded ``.bin`` files with
+  ``pytorch_model.bin.index.json``;
+- a torch file (``.bin``, ``.pt``, ``.pth``, ``.ckpt``) holding a state dict, loaded with
+  ``weights_only=True`` (a nested ``state_dict`` key is unwrapped). Such files are memory
+  mapped where the format allows, so only the rows asked for are paged in.
+
+Safetensors reads go through ``safe_open(...).get_slice`` so a chunk of rows is read
+without touching the rest of the tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from tvbasis.errors import CheckpointError
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Name, shape and dtype of one stored tensor, and the file that holds it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: Path
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def read_safetensors_header(path: Path) -> dict[str, Any]:
+    """Parse and validate a safetensors header, raising a clear error for a corrupt file."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CheckpointError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > size - 8:
+                raise CheckpointError(f"{path}: corrupt or truncated safetensors header")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise CheckpointError(f"{path}: file not found") from None
+        raise CheckpointError(f"{path}: corrupt safetensors header ({exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header")
+    end = 0
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            _begin, stop = meta["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor {name!r}") from None
+        end = max(end, stop)
+    if 8 + n + end != size:
+        raise CheckpointError(
+            f"{path}: truncated or corrupt safetensors file (header promises {8 + n + end} bytes, file has {size})"
+        )
+    return header
+
+
+class Checkpoint:
+    """A lazy view of one model's tensors.
+
+    ``read(name, start, stop)`` returns rows ``start:stop`` of a tensor's first dimension
+    (the whole tensor when both are None) without loading other tensors.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        infos: dict[str, TensorInfo],
+        kind: str,
+        torch_state: dict[str, torch.Tensor] | None = None,
+        index_file: Path | None = None,
+    ) -> None:
+        self.path = path
+        self.kind = kind
+        self.index_file = index_file
+        self._infos = infos
+        self._torch_state = torch_state
+        self._handles: dict[Path, Any] = {}
+
+    # -- metadata -----------------------------------------------------------------
+    def names(self) -> list[str]:
+        return list(self._infos)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._infos
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: has no tensor {name!r}") from None
+
+    def infos(self) -> list[TensorInfo]:
+        return list(self._infos.values())
+
+    def weight_files(self) -> list[Path]:
+        """The files holding tensors, in the order tensors are first found in them."""
+        return list(dict.fromkeys(i.file for i in self._infos.values()))
+
+    def names_in(self, file: Path) -> list[str]:
+        return [i.name for i in self._infos.values() if i.file == file]
+
+    # -- data -----------------------------------------------------------------------
+    def read(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        info = self.info(name)
+        if self._torch_state is not None:
+            t = self._torch_state[name]
+            return t if start is None and stop is None else t[start:stop]
+        handle = self._handles.get(info.file)
+        if handle is None:
+            try:
+                handle = safe_open(str(info.file), framework="pt")
+            except (SafetensorError, OSError) as exc:
+                raise CheckpointError(f"{info.file}: cannot open safetensors file ({exc})") from None
+            self._handles[info.file] = handle
+        try:
+            if start is None and stop is None:
+                return handle.get_tensor(name)
+            if not info.shape:
+                return handle.get_tensor(name)
+            return handle.get_slice(name)[start:stop]
+        except SafetensorError as exc:
+            raise CheckpointError(f"{info.file}: cannot read tensor {name!r} ({exc})") from None
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, kind={self.kind!r}, tensors={len(self._infos)})"
+
+
+def _safetensors_infos(files: list[Path]) -> dict[str, TensorInfo]:
+    infos: dict[str, TensorInfo] = {}
+    for file in files:
+        header = read_safetensors_header(file)
+        entries = [(k, v) for k, v in header.items() if k != "__metadata__"]
+        # Keep the file's storage order so sequential reads stay sequential.
+        entries.sort(key=lambda kv: kv[1]["data_offsets"][0])
+        for name, meta in entries:
+            dtype = SAFETENSORS_DTYPES.get(meta.get("dtype"))
+            if dtype is None:
+                raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {meta.get('dtype')!r}")
+            if name in infos:
+                raise CheckpointError(f"{file}: tensor {name!r} appears in more than one shard")
+            infos[name] = TensorInfo(name, tuple(int(s) for s in meta["shape"]), dtype, file)
+    return infos
+
+
+def _load_torch_state(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        try:
+            obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            # Legacy (non-zip) torch files cannot be memory mapped.
+            obj = torch.load(file, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: file not found") from None
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CheckpointError(
+            f"{file}: refusing to load: this torch file needs code execution to unpickle "
+            f"(weights_only=True failed: {first}). Convert it to safetensors with code you trust."
+        ) from None
+    except Exception as exc:  # torch raises many types for corrupt archives
+        raise CheckpointError(f"{file}: cannot load torch file ({type(exc).__name__}: {exc})") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{file}: torch file holds a {type(obj).__name__}, not a state dict")
+    state = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not state:
+        raise CheckpointError(f"{file}: torch file holds no tensors")
+    return state
+
+
+def _torch_checkpoint(path: Path, files: list[Path], kind: str, index: Path | None) -> Checkpoint:
+    state: dict[str, torch.Tensor] = {}
+    infos: dict[str, TensorInfo] = {}
+    for file in files:
+        for name, t in _load_torch_state(file).items():
+            if name in infos:
+                raise CheckpointError(f"{file}: tensor {name!r} appears in more than one shard")
+            state[name] = t
+            infos[name] = TensorInfo(name, tuple(t.shape), t.dtype, file)
+    return Checkpoint(path, infos, kind, torch_state=state, index_file=index)
+
+
+def _index_files(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index}: cannot read shard index ({exc})") from None
+    files = [index.parent / f for f in dict.fromkeys(weight_map.values())]
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"{index}: lists shard {f.name!r}, which is missing")
+    return files
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Open a checkpoint lazily; raise ``CheckpointError`` naming the path if it cannot be read."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if path.is_dir():
+        if (path / SAFETENSORS_INDEX).is_file():
+            index = path / SAFETENSORS_INDEX
+            files = _index_files(index)
+            return Checkpoint(path, _safetensors_infos(files), "hf-sharded-safetensors", index_file=index)
+        if (path / "model.safetensors").is_file():
+            file = path / "model.safetensors"
+            return Checkpoint(path, _safetensors_infos([file]), "hf-safetensors")
+        if (path / BIN_INDEX).is_file():
+            index = path / BIN_INDEX
+            return _torch_checkpoint(path, _index_files(index), "hf-sharded-bin", index)
+        if (path / "pytorch_model.bin").is_file():
+            return _torch_checkpoint(path, [path / "pytorch_model.bin"], "hf-bin", None)
+        raise CheckpointError(
+            f"{path}: directory holds no model weights (looked for {SAFETENSORS_INDEX}, "
+            f"model.safetensors, {BIN_INDEX}, pytorch_model.bin)"
+        )
+    if path.suffix == ".safetensors":
+        return Checkpoint(path, _safetensors_infos([path]), "safetensors")
+    if path.suffix in TORCH_SUFFIXES:
+        return _torch_checkpoint(path, [path], "torch", None)
+    raise CheckpointError(
+        f"{path}: unknown checkpoint format (expected .safetensors, a torch file "
+        f"{'/'.join(TORCH_SUFFIXES)}, or a Hugging Face model directory)"
+    )
+
+
+def iter_tensors(ckpt: Checkpoint) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield every tensor of a checkpoint, one at a time."""
+    for name in ckpt.names():
+        yield name, ckpt.read(name)

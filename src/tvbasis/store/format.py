@@ -1,0 +1,206 @@
+"""The store format, version 1.
+
+A store is a directory that uploads to a model hub as it is::
+
+    STORE/
+      tvbasis.json            manifest, written last: format version, method and settings,
+                              fitted scalars, tasks in order (source, content hash, metrics),
+                              base fingerprint, tensor layout, files and byte counts
+      matrices.safetensors    decoder (K x T), gram (T x T), atom_gram, atom_cross, state.*
+      atoms/atom-000.safetensors ...   one file (or shards) per stored vector, keyed by the
+      atoms/mean.safetensors           base's tensor names, so each is itself a task vector
+      README.md               a short model card
+
+The directory is assembled under a temporary name and renamed when complete, and
+``open_store`` checks that every file the manifest lists is there with its recorded size,
+so an incomplete store never loads.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file as load_numpy
+from safetensors.numpy import save_file as save_numpy
+
+from tvbasis.errors import StoreError
+from tvbasis.io.checkpoint import Checkpoint, TensorInfo, _safetensors_infos
+from tvbasis.methods import METHODS, BasisMethod
+from tvbasis.tasks.taskvectors import Chunk
+
+FORMAT_NAME = "tvbasis-store"
+FORMAT_VERSION = 1
+MANIFEST = "tvbasis.json"
+MATRICES = "matrices.safetensors"
+ATOMS_DIR = "atoms"
+
+STORE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def vector_names(n_atoms: int, has_mean: bool) -> list[str]:
+    return [f"atom-{m:03d}" for m in range(n_atoms)] + (["mean"] if has_mean else [])
+
+
+def save_matrices(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    save_numpy({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in arrays.items()}, str(path))
+
+
+def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def file_sizes(directory: Path) -> dict[str, int]:
+    """Every file under ``directory`` (relative POSIX path -> bytes), the manifest excepted."""
+    return {
+        p.relative_to(directory).as_posix(): p.stat().st_size
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+
+
+@dataclass
+class Store:
+    """An opened, complete store. Reads atom rows lazily; holds only the small matrices."""
+
+    path: Path
+    manifest: dict[str, Any]
+    matrices: dict[str, np.ndarray]
+    method: BasisMethod
+
+    # -- what it holds ------------------------------------------------------------------
+    @property
+    def task_names(self) -> list[str]:
+        return [t["name"] for t in self.manifest["tasks"]]
+
+    @property
+    def n_tasks(self) -> int:
+        return int(self.manifest["n_tasks"])
+
+    @property
+    def n_atoms(self) -> int:
+        return int(self.manifest["n_atoms"])
+
+    @property
+    def has_mean(self) -> bool:
+        return bool(self.manifest["has_mean"])
+
+    @property
+    def decoder(self) -> np.ndarray:
+        """``(K, T)``: task t is ``sum_k vector_k * decoder[k, t]`` (the mean's row is all ones)."""
+        return self.matrices["decoder"]
+
+    @property
+    def gram(self) -> np.ndarray:
+        return self.matrices["gram"]
+
+    @property
+    def tensors(self) -> list[TensorInfo]:
+        """The task-vector tensors, in the store's fixed order (dtype: the base's)."""
+        return [TensorInfo(name, tuple(shape), _dtype(dtype), Path()) for name, shape, dtype in self.manifest["layout"]]
+
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        shapes = getattr(self, "_shapes", None)
+        if shapes is None:
+            shapes = self._shapes = {n: tuple(s) for n, s, _ in self.manifest["layout"]}
+        return shapes[name]
+
+    def task_index(self, name: str) -> int:
+        try:
+            return self.task_names.index(name)
+        except ValueError:
+            raise StoreError(f"{self.path}: no task {name!r} (tasks: {', '.join(self.task_names)})") from None
+
+    # -- reading atoms ------------------------------------------------------------------
+    def _vectors(self) -> list[Checkpoint]:
+        cached = getattr(self, "_vector_ckpts", None)
+        if cached is None:
+            cached = []
+            for vec in self.manifest["atoms"]["vectors"]:
+                files = [self.path / f for f in vec["files"]]
+                cached.append(Checkpoint(self.path / ATOMS_DIR, _safetensors_infos(files), "store-atom"))
+            self._vector_ckpts = cached
+        return cached
+
+    def vector_rows(self, chunk: Chunk) -> torch.Tensor:
+        """Rows of all K stored vectors for ``chunk``: ``(numel, K)`` float64 (regenerated if not stored)."""
+        if not self.manifest["atoms"]["stored"]:
+            return self.method.atom_rows(chunk, None)
+        cols = []
+        for ckpt in self._vectors():
+            info = ckpt.info(chunk.tensor)
+            rows = ckpt.read(chunk.tensor) if not info.shape else ckpt.read(chunk.tensor, chunk.start, chunk.stop)
+            cols.append(rows.reshape(-1).to(torch.float64))
+        return torch.stack(cols, dim=1)
+
+    def combination_rows(self, chunk: Chunk, coefficients: np.ndarray) -> torch.Tensor:
+        """``sum_k c_k * vector_k`` on ``chunk``'s rows, flat float64."""
+        return self.vector_rows(chunk) @ torch.from_numpy(np.asarray(coefficients, dtype=np.float64))
+
+    def summary(self) -> dict[str, Any]:
+        """What ``tvbasis info --json`` prints."""
+        m = self.manifest
+        return {
+            "path": str(self.path),
+            "format_version": m["format_version"],
+            "method": m["method"]["name"],
+            "settings": m["method"]["params"],
+            "fit": m["method"].get("report", {}),
+            "M": m["n_atoms"],
+            "T": m["n_tasks"],
+            "stored_vectors": m["n_vectors"],
+            "has_mean": m["has_mean"],
+            "atom_dtype": m["atoms"]["dtype"],
+            "tasks": [
+                {k: t[k] for k in ("name", "rel_error", "cosine", "norm", "source", "sha256")} for t in m["tasks"]
+            ],
+            "dim": m["dim"],
+            "bytes": m["bytes"],
+            "base": {k: m["base"][k] for k in ("source", "fingerprint")},
+        }
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name.removeprefix("torch."))
+
+
+def open_store(path: str | Path) -> Store:
+    """Open a store, refusing anything that is not complete and of a known format version."""
+    path = Path(path)
+    if not path.is_dir():
+        raise StoreError(f"{path}: no such store directory")
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise StoreError(f"{path}: not a complete tvbasis store ({MANIFEST} is missing)") from None
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"{path / MANIFEST}: unreadable manifest ({exc})") from None
+    if manifest.get("format") != FORMAT_NAME:
+        raise StoreError(f"{path / MANIFEST}: not a tvbasis store manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise StoreError(
+            f"{path}: store format version {manifest.get('format_version')} is not "
+            f"supported (this tvbasis reads version {FORMAT_VERSION})"
+        )
+    for rel, size in manifest["files"].items():
+        f = path / rel
+        if not f.is_file():
+            raise StoreError(f"{path}: incomplete store, {rel} is missing")
+        if f.stat().st_size != size:
+            raise StoreError(f"{path}: corrupt store, {rel} has {f.stat().st_size} bytes, manifest says {size}")
+    try:
+        matrices = load_numpy(str(path / MATRICES))
+    except Exception as exc:
+        raise StoreError(f"{path / MATRICES}: cannot read ({exc})") from None
+    meta = manifest["method"]
+    cls = METHODS.get(meta["name"])
+    if cls is None:
+        raise StoreError(f"{path}: unknown method {meta['name']!r}")
+    method = cls(**meta["params"])
+    state = {k.removeprefix("state."): v for k, v in matrices.items() if k.startswith("state.")}
+    method.load_state(state, meta.get("state", {}), matrices["decoder"])
+    return Store(path=path, manifest=manifest, matrices=matrices, method=method)

@@ -1,0 +1,191 @@
+"""A base checkpoint and T fine-tunes, seen as T task vectors ``tau_t = theta_t - theta_0``.
+
+Only floating-point tensors shared by base and fine-tunes are task-vector entries; integer
+buffers are ignored. A name or shape that differs between base and a fine-tune is an error
+naming the tensor, unless the user excluded it (e.g. a per-task classification head).
+Nothing is loaded here: ``read_chunk`` returns rows of all T task vectors at once.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tvbasis.errors import CheckpointError, TvbasisError
+from tvbasis.io.checkpoint import Checkpoint, TensorInfo, open_checkpoint
+from tvbasis.io.writer import tensor_bytes
+
+TASK_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+@dataclass(frozen=True)
+class TaskSource:
+    """A named fine-tune: where its checkpoint lives."""
+
+    name: str
+    path: Path
+
+
+def parse_task_arg(arg: str) -> TaskSource:
+    """Parse ``NAME=PATH`` as given to ``--task``."""
+    name, sep, path = arg.partition("=")
+    if not sep or not name or not path:
+        raise TvbasisError(f"--task {arg!r}: expected NAME=PATH")
+    check_task_name(name)
+    return TaskSource(name, Path(path))
+
+
+def check_task_name(name: str) -> None:
+    if not TASK_NAME.match(name):
+        raise TvbasisError(f"task name {name!r}: use letters, digits, '_', '-' or '.' only")
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def select_tensors(
+    infos: Sequence[TensorInfo], include: Sequence[str] = (), exclude: Sequence[str] = ()
+) -> list[TensorInfo]:
+    """Floating-point tensors whose name matches an include glob (all if none) and no exclude glob."""
+    return [
+        i
+        for i in infos
+        if i.dtype.is_floating_point and (not include or _matches(i.name, include)) and not _matches(i.name, exclude)
+    ]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Rows ``start:stop`` of one tensor's first dimension; ``offset`` is its place in the flat vector."""
+
+    tensor: str
+    start: int
+    stop: int
+    row_numel: int
+    offset: int
+
+    @property
+    def numel(self) -> int:
+        return (self.stop - self.start) * self.row_numel
+
+
+def plan_chunks(tensors: Sequence[TensorInfo], chunk_elements: int) -> list[Chunk]:
+    """Cut every tensor into row ranges of at most ``chunk_elements`` (at least one row)."""
+    if chunk_elements < 1:
+        raise TvbasisError(f"--chunk-elements {chunk_elements}: must be at least 1")
+    chunks: list[Chunk] = []
+    offset = 0
+    for info in tensors:
+        rows = info.shape[0] if info.shape else 1
+        row_numel = info.numel // rows if rows else 0
+        step = max(1, chunk_elements // max(row_numel, 1))
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            chunks.append(Chunk(info.name, start, stop, row_numel, offset + start * row_numel))
+        offset += info.numel
+    return chunks
+
+
+class TaskVectorSet:
+    """The base checkpoint and T fine-tunes, validated against each other.
+
+    ``tensors`` is the fixed order of the flattened task vector (``D`` entries in all).
+    """
+
+    def __init__(
+        self,
+        base: str | Path | Checkpoint,
+        tasks: Sequence[TaskSource],
+        include: Sequence[str] = (),
+        exclude: Sequence[str] = (),
+    ) -> None:
+        if not tasks:
+            raise TvbasisError("no tasks given (use --task NAME=PATH or a recipe)")
+        seen: set[str] = set()
+        for t in tasks:
+            check_task_name(t.name)
+            if t.name in seen:
+                raise TvbasisError(f"task {t.name!r} is given twice; task names must be unique")
+            seen.add(t.name)
+        self.base = base if isinstance(base, Checkpoint) else open_checkpoint(base)
+        self.sources = list(tasks)
+        self.include = list(include)
+        self.exclude = list(exclude)
+        self.tensors = select_tensors(self.base.infos(), include, exclude)
+        if not self.tensors:
+            raise TvbasisError(
+                f"{self.base.path}: no floating-point tensors selected (include={self.include}, exclude={self.exclude})"
+            )
+        self.checkpoints = [open_checkpoint(t.path) for t in tasks]
+        for src, ckpt in zip(self.sources, self.checkpoints, strict=True):
+            self._validate(src, ckpt)
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.sources]
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self.sources)
+
+    @property
+    def dim(self) -> int:
+        return sum(i.numel for i in self.tensors)
+
+    def _validate(self, src: TaskSource, ckpt: Checkpoint) -> None:
+        for info in self.tensors:
+            if info.name not in ckpt:
+                raise CheckpointError(
+                    f"{src.path}: task {src.name!r} lacks tensor {info.name!r} of the base "
+                    f"(exclude it with --exclude if it is task-specific)"
+                )
+            other = ckpt.info(info.name)
+            if other.shape != info.shape:
+                raise CheckpointError(
+                    f"{src.path}: tensor {info.name!r} has shape {list(other.shape)} in task "
+                    f"{src.name!r} but {list(info.shape)} in the base"
+                )
+            if not other.dtype.is_floating_point:
+                raise CheckpointError(
+                    f"{src.path}: tensor {info.name!r} is {other.dtype} in task "
+                    f"{src.name!r} but floating point in the base"
+                )
+        selected = {i.name for i in self.tensors}
+        for other in select_tensors(ckpt.infos(), self.include, self.exclude):
+            if other.name not in selected and other.name not in self.base:
+                raise CheckpointError(
+                    f"{src.path}: tensor {other.name!r} of task {src.name!r} is not in the base "
+                    f"(exclude it with --exclude if it is task-specific)"
+                )
+
+    def read_chunk(self, chunk: Chunk, hashers: Sequence[hashlib._Hash] | None = None) -> torch.Tensor:
+        """Rows of all T task vectors for ``chunk``: a ``(numel, T)`` float64 matrix.
+
+        With ``hashers`` (base first, then one per task) the raw bytes read are hashed too,
+        so content hashes come from the same pass.
+        """
+        base = self._read(self.base, chunk)
+        if hashers is not None:
+            hashers[0].update(tensor_bytes(base))
+        base64 = base.reshape(-1).to(torch.float64)
+        # Filled task by task as contiguous rows; the caller gets the (numel, T) view.
+        out = torch.empty((self.n_tasks, base64.numel()), dtype=torch.float64)
+        for t, ckpt in enumerate(self.checkpoints):
+            rows = self._read(ckpt, chunk)
+            if hashers is not None:
+                hashers[t + 1].update(tensor_bytes(rows))
+            torch.sub(rows.reshape(-1).to(torch.float64), base64, out=out[t])
+        return out.T
+
+    @staticmethod
+    def _read(ckpt: Checkpoint, chunk: Chunk) -> torch.Tensor:
+        if not ckpt.info(chunk.tensor).shape:
+            return ckpt.read(chunk.tensor)
+        return ckpt.read(chunk.tensor, chunk.start, chunk.stop)

@@ -1,0 +1,89 @@
+"""Tiny random models built on the fly, and dense references to check the streaming code against."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from tvbasis.tasks import TaskSource
+
+# A small model with the tensor kinds real checkpoints have: 2-D weights, 1-D biases and
+# norms, a 0-d scalar, an integer buffer, and a per-task head.
+SHAPES: dict[str, tuple[int, ...]] = {
+    "embed.weight": (37, 8),
+    "layer.0.attn.weight": (8, 8),
+    "layer.0.attn.bias": (8,),
+    "layer.0.norm.weight": (8,),
+    "layer.1.mlp.weight": (19, 8),
+    "layer.1.mlp.bias": (19,),
+    "logit_scale": (),
+    "head.weight": (3, 8),
+}
+
+
+def base_state(seed: int = 0, shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    state = {k: torch.randn(s, generator=g) for k, s in (shapes or SHAPES).items()}
+    state["position_ids"] = torch.arange(12, dtype=torch.int64)
+    return state
+
+
+def task_deltas(
+    T: int, seed: int = 1, rank: int | None = None, shapes: dict[str, tuple[int, ...]] | None = None, scale: float = 0.1
+) -> list[dict[str, torch.Tensor]]:
+    """T random task vectors; with ``rank`` they share a rank-``rank`` structure plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {k: s for k, s in (shapes or SHAPES).items() if k != "head.weight"}
+    if rank is None:
+        return [{k: scale * torch.randn(s, generator=g) for k, s in shapes.items()} for _ in range(T)]
+    dirs = [{k: torch.randn(s, generator=g) for k, s in shapes.items()} for _ in range(rank)]
+    mix = torch.randn((T, rank), generator=g)
+    out = []
+    for t in range(T):
+        d = {k: sum(mix[t, r] * dirs[r][k] for r in range(rank)) for k in shapes}
+        out.append({k: scale * (v + 0.05 * torch.randn(v.shape, generator=g)) for k, v in d.items()})
+    return out
+
+
+@dataclass
+class Family:
+    base: Path
+    tasks: list[TaskSource]
+    base_state: dict[str, torch.Tensor]
+    deltas: list[dict[str, torch.Tensor]]
+    names: list[str]  # task-vector tensors, in order
+
+    def dense(self) -> np.ndarray:
+        """The D x T matrix V, as the reference implementation would hold it."""
+        cols = [np.concatenate([d[n].double().reshape(-1).numpy() for n in self.names]) for d in self.deltas]
+        return np.stack(cols, axis=1)
+
+
+def write_family(
+    root: Path, T: int = 5, rank: int | None = None, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> Family:
+    """Base and T fine-tunes as single safetensors files; heads differ per task (exclude them)."""
+    root.mkdir(parents=True, exist_ok=True)
+    base = base_state(seed)
+    deltas = task_deltas(T, seed + 1, rank)
+    save_file(
+        {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in base.items()}, str(root / "base.safetensors")
+    )
+    tasks = []
+    g = torch.Generator().manual_seed(seed + 99)
+    for t, d in enumerate(deltas):
+        ft = {k: (v + d[k]).to(dtype) if k in d else v.clone() for k, v in base.items()}
+        ft["head.weight"] = torch.randn(SHAPES["head.weight"], generator=g).to(dtype)  # task-specific
+        p = root / f"task{t}.safetensors"
+        save_file(ft, str(p))
+        tasks.append(TaskSource(f"task{t}", p))
+    if dtype != torch.float32:  # deltas as the files actually hold them
+        deltas = [
+            {k: (base[k].to(dtype) + d[k]).to(dtype).double() - base[k].to(dtype).double() for k in d} for d in deltas
+        ]
+    names = [k for k in base if k not in ("position_ids", "head.weight")]
+    return Family(root / "base.safetensors", tasks, base, deltas, names)
