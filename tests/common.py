@@ -74,6 +74,7 @@ def write_family(
         {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in base.items()}, str(root / "base.safetensors")
     )
     tasks = []
+    exact = []  # the task vectors exactly as the files hold them
     g = torch.Generator().manual_seed(seed + 99)
     for t, d in enumerate(deltas):
         ft = {k: (v + d[k]).to(dtype) if k in d else v.clone() for k, v in base.items()}
@@ -81,9 +82,20 @@ def write_family(
         p = root / f"task{t}.safetensors"
         save_file(ft, str(p))
         tasks.append(TaskSource(f"task{t}", p))
-    if dtype != torch.float32:  # deltas as the files actually hold them
-        deltas = [
-            {k: (base[k].to(dtype) + d[k]).to(dtype).double() - base[k].to(dtype).double() for k in d} for d in deltas
-        ]
+        exact.append({k: ft[k].double() - base[k].to(dtype).double() for k in d})
+    deltas = exact
     names = [k for k in base if k not in ("position_ids", "head.weight")]
     return Family(root / "base.safetensors", tasks, base, deltas, names)
+
+
+def flat(state: dict[str, torch.Tensor], names: list[str]) -> np.ndarray:
+    """Concatenate the named tensors of a state dict into one float64 vector."""
+    return np.concatenate([state[n].double().reshape(-1).numpy() for n in names])
+
+
+def read_flat(path: Path, names: list[str]) -> np.ndarray:
+    """A safetensors file (or HF directory) flattened over ``names``."""
+    from tvbasis.io import open_checkpoint
+
+    ckpt = open_checkpoint(path)
+    return np.concatenate([ckpt.read(n).double().reshape(-1).numpy() for n in names])
