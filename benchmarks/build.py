@@ -187,7 +187,7 @@ def worker_read(models: list[Path]) -> dict[str, float]:
     for model in models:
         for file in shard_files(model):
             with safe_open(str(file), framework="pt") as h:
-                for key in h.keys():  # noqa: SIM118 - safe_open handles have no __iter__
+                for key in h.keys():
                     t = h.get_tensor(key)
                     nbytes += t.numel() * t.element_size()
                     del t

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,30 @@ from tvbasis.store.format import Store
 from tvbasis.tasks.taskvectors import plan_chunks
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _row_shape(store: Store, name: str, start: int, stop: int) -> tuple[int, ...]:
+    shape = store.shape_of(name)
+    return (stop - start, *shape[1:]) if shape else ()
+
+
+def iter_combination(
+    store: Store, coefficients: np.ndarray, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(tensor name, rows)`` of ``sum_k c_k s_k`` chunk by chunk (float64, shaped like the tensor's rows)."""
+    for chunk in plan_chunks(store.tensors, chunk_elements):
+        rows = store.combination_rows(chunk, coefficients)
+        yield chunk.tensor, rows.reshape(_row_shape(store, chunk.tensor, chunk.start, chunk.stop))
+
+
+def combination_state(
+    store: Store, coefficients: np.ndarray, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """``sum_k c_k s_k`` as an in-memory state dict (one model's worth of tensors)."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    for name, rows in iter_combination(store, coefficients):
+        parts.setdefault(name, []).append(rows.to(dtype))
+    return {n: torch.cat(p) if p[0].dim() else p[0] for n, p in parts.items()}
 
 
 def write_task_vector(
@@ -41,16 +66,10 @@ def write_task_vector(
             SafetensorsStreamWriter(tmp, specs, metadata={"tvbasis_store": str(store.path)}) as w,
             progress(sum(i.numel for i in tensors), "Writing", unit="param") as bar,
         ):
-            for chunk in plan_chunks(tensors, chunk_elements):
-                rows = store.combination_rows(chunk, coefficients)
-                w.write(chunk.tensor, rows.reshape(_row_shape(store, chunk.tensor, chunk.start, chunk.stop)))
-                bar.update(chunk.numel)
+            for name, rows in iter_combination(store, coefficients, chunk_elements):
+                w.write(name, rows)
+                bar.update(rows.numel())
     return out
-
-
-def _row_shape(store: Store, name: str, start: int, stop: int) -> tuple[int, ...]:
-    shape = store.shape_of(name)
-    return (stop - start, *shape[1:]) if shape else ()
 
 
 def reconstruct_task(store: Store, task: str, out: str | Path, **kwargs: object) -> Path:
