@@ -99,3 +99,34 @@ def read_flat(path: Path, names: list[str]) -> np.ndarray:
 
     ckpt = open_checkpoint(path)
     return np.concatenate([ckpt.read(n).double().reshape(-1).numpy() for n in names])
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Every file and folder under ``root``: relative path -> sha256 of its bytes ("<dir>" for a folder).
+
+    Equal digests before and after a command mean it changed no input and left nothing behind.
+    """
+    import hashlib
+
+    return {
+        p.relative_to(root).as_posix(): "<dir>" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+    }
+
+
+def save_hf_sharded(state: dict[str, torch.Tensor], directory: Path, n_shards: int = 2) -> Path:
+    """``state`` as a Hugging Face sharded safetensors directory (index + ``n_shards`` shard files)."""
+    import json
+
+    directory.mkdir(parents=True, exist_ok=True)
+    names = list(state)
+    per = -(-len(names) // n_shards)
+    weight_map: dict[str, str] = {}
+    for i in range(n_shards):
+        fname = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
+        part = {n: state[n].contiguous() for n in names[i * per : (i + 1) * per]}
+        save_file(part, str(directory / fname))
+        weight_map.update(dict.fromkeys(part, fname))
+    index = {"metadata": {}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    return directory

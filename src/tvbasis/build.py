@@ -122,14 +122,21 @@ def _finalise(tmp: Path, manifest: dict[str, Any], tvs: TaskVectorSet) -> None:
     """Write the model card and, last, the manifest; byte counts include both of them."""
     sizes = file_sizes(tmp)
     card_len = man_len = 0
-    for _ in range(10):  # the counts appear in the texts they count: iterate to a fixed point
+    # The counts appear in the texts they count. Plain iteration can oscillate (a length that
+    # changes the ratio's digits changes the length back), so the lengths only grow, and each
+    # text is then padded with trailing spaces to exactly the length it states.
+    for _ in range(20):
         manifest["files"] = {**sizes, "README.md": card_len}
         manifest["bytes"] = _byte_counts(manifest["files"], man_len, tvs)
         card = _model_card(manifest).encode()
         text = (json.dumps(manifest, indent=2) + "\n").encode()
-        if (len(card), len(text)) == (card_len, man_len):
+        if len(card) <= card_len and len(text) <= man_len:
             break
-        card_len, man_len = len(card), len(text)
+        card_len, man_len = max(card_len, len(card)), max(man_len, len(text))
+    else:
+        raise RuntimeError("manifest byte counts did not converge")
+    card = card[:-1] + b" " * (card_len - len(card)) + b"\n"
+    text = text[:-1] + b" " * (man_len - len(text)) + b"\n"
     (tmp / "README.md").write_bytes(card)
     (tmp / MANIFEST).write_bytes(text)  # last: its presence marks the store complete
 

@@ -7,12 +7,14 @@ exit with status 2.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tvbasis.errors import TvbasisError
@@ -49,8 +51,17 @@ METHOD_OPTIONS: dict[str, set[str]] = {
 }
 
 
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _one_line(message: str) -> str:
+    """``message`` as one line: terminal escape codes dropped, line breaks (from wrapped errors) as spaces."""
+    return " ".join(line.strip() for line in _ANSI_ESCAPE.sub("", message).splitlines() if line.strip())
+
+
 def _fail(exc: TvbasisError) -> None:
-    err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    # Escaped: paths and tensor names may contain "[...]", which rich would take for markup and drop.
+    err.print(f"[bold red]error:[/] {escape(_one_line(str(exc)))}", highlight=False, soft_wrap=True, emoji=False)
     raise typer.Exit(2)
 
 
@@ -176,7 +187,7 @@ def info(
 def _print_info(s: dict[str, Any]) -> None:
     b = s["bytes"]
     out.print(
-        f"[bold]{s['path']}[/]: {s['method']} basis, M = {s['M']} of T = {s['T']} tasks"
+        f"[bold]{escape(s['path'])}[/]: {s['method']} basis, M = {s['M']} of T = {s['T']} tasks"
         f"{' (+ stored mean)' if s['has_mean'] else ''}, atoms {s['atom_dtype']}, D = {s['dim']:,}"
     )
     out.print("settings: " + ", ".join(f"{k}={v}" for k, v in s["settings"].items()), highlight=False)
@@ -217,7 +228,7 @@ def reconstruct(
     except TvbasisError as exc:
         _fail(exc)
     if not quiet:
-        out.print(f"wrote {out_path}")
+        out.print(f"wrote {out_path}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _parse_add(items: list[str]) -> dict[str, float]:
@@ -279,7 +290,123 @@ def edit(
     except TvbasisError as exc:
         _fail(exc)
     if not quiet:
-        out.print(f"wrote {out_path}")
+        out.print(f"wrote {out_path}", markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command()
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", help="Where the report, stores and results go.")] = Path(
+        "runs/demo"
+    ),
+    cache: Annotated[
+        Path | None, typer.Option(help="Fine-tune cache (default $TVBASIS_CACHE or ~/.cache/tvbasis).")
+    ] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="3 tasks, the 3-layer model, few examples.")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """The text suite end to end: fine-tune 8 tasks on MiniLM, build bases, edit through them, evaluate, report."""
+    from tvbasis.textsuite.presets import default_cache, demo_config, quick_config
+    from tvbasis.textsuite.report import addition_table, negation_table
+    from tvbasis.textsuite.suite import run_suite
+
+    set_quiet(quiet)
+    make = quick_config if quick else demo_config
+    try:
+        results = run_suite(make(out_dir, cache or default_cache()), log=(lambda _: None) if quiet else err.print)
+    except TvbasisError as exc:
+        _fail(exc)
+    neg, dropped = negation_table(results)
+    out.print(addition_table(results), highlight=False, soft_wrap=True)
+    out.print("")
+    out.print(neg, highlight=False, soft_wrap=True)
+    for line in dropped:
+        out.print(f"dropped by compression: {line}", highlight=False)
+    out.print(
+        f"\nreport: {out_dir / 'report.md'} (plots beside it); took {results['timings_s']['total']:.0f} s",
+        highlight=False,
+    )
+
+
+@app.command()
+def finetune(
+    task: Annotated[list[str], typer.Option(help="Text-suite task to fine-tune on; repeat.")],
+    model: Annotated[str, typer.Option(help="minilm, small (3 layers) or an HF model directory.")] = "minilm",
+    cache: Annotated[
+        Path | None, typer.Option(help="Cache directory (default $TVBASIS_CACHE or ~/.cache/tvbasis).")
+    ] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Cap on optimiser steps.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the data splits and of training.")] = 0,
+    quiet: Quiet = False,
+) -> None:
+    """Fine-tune the encoder on text-suite tasks (head frozen); one HF model directory per task, cached."""
+    from tvbasis.textsuite.data import load_task
+    from tvbasis.textsuite.model import finetune_cached
+    from tvbasis.textsuite.presets import default_cache
+    from tvbasis.textsuite.suite import resolve_model
+
+    set_quiet(quiet)
+    root = cache or default_cache()
+    hp = {"seed": seed} | ({"max_steps": max_steps} if max_steps is not None else {})
+    try:
+        base = resolve_model(model, root)
+        for name in task:
+            path = finetune_cached(base, load_task(name, seed=seed), root / "finetunes", **hp)
+            out.print(f"{name}: {path}", highlight=False)
+    except TvbasisError as exc:
+        _fail(exc)
+
+
+@app.command()
+def evaluate(
+    task: Annotated[list[str], typer.Option(help="Text-suite task to evaluate on; repeat.")],
+    model: Annotated[str, typer.Option(help="Base: minilm, small or an HF model directory.")] = "minilm",
+    weights: Annotated[
+        Path | None, typer.Option(help="Evaluate this fine-tune (HF directory) instead of the base.")
+    ] = None,
+    store: Annotated[Path | None, typer.Option(help="Evaluate base + an edit through this store.")] = None,
+    add: Annotated[list[str] | None, typer.Option(help="[store] NAME=COEF; repeat.")] = None,
+    add_all: Annotated[float | None, typer.Option(help="[store] add every task with this weight.")] = None,
+    negate: Annotated[list[str] | None, typer.Option(help="[store] subtract this task; repeat.")] = None,
+    scale: Annotated[float, typer.Option(help="[store] lambda.")] = 1.0,
+    split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
+    cache: Annotated[Path | None, typer.Option(help="Cache directory for derived models.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the data splits.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Accuracy of the base, a fine-tune, or the base edited through a store, on text-suite tasks."""
+    from tvbasis.arithmetic import combination_state, task_coefficients, task_weights
+    from tvbasis.store import open_store
+    from tvbasis.textsuite.data import load_task
+    from tvbasis.textsuite.model import Evaluator
+    from tvbasis.textsuite.presets import default_cache
+    from tvbasis.textsuite.suite import resolve_model, task_vector
+
+    try:
+        if weights is not None and store is not None:
+            raise TvbasisError("--weights and --store: give one of them")
+        base = resolve_model(model, cache or default_cache())
+        ev = Evaluator(base, [load_task(n, seed=seed) for n in task])
+        if weights is not None:
+            ev.set_task_vector(task_vector(ev.base_state(), weights))
+        elif store is not None:
+            s = open_store(store)
+            adds = _parse_add(add or [])
+            if add_all is not None:
+                adds = {n: adds.get(n, 0.0) + add_all for n in s.task_names}
+            if not adds and not negate:
+                raise TvbasisError("--store needs --add NAME=COEF, --add-all COEF or --negate NAME")
+            a = task_weights(s.task_names, adds, negate or [])
+            ev.set_task_vector(combination_state(s, task_coefficients(s.decoder, a, scale)))
+        accs = {n: ev.accuracy(n, split) for n in task}
+    except TvbasisError as exc:
+        _fail(exc)
+    if as_json:
+        sys.stdout.write(json.dumps(accs, indent=2) + "\n")
+        return
+    table = Table("task", f"{split} accuracy")
+    for n, acc in accs.items():
+        table.add_row(n, f"{acc:.4f}")
+    out.print(table)
 
 
 def main() -> None:

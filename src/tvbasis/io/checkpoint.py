@@ -10,8 +10,9 @@ Supported inputs:
   ``weights_only=True`` (a nested ``state_dict`` key is unwrapped). Such files are memory
   mapped where the format allows, so only the rows asked for are paged in.
 
-Safetensors reads go through ``safe_open(...).get_slice`` so a chunk of rows is read
-without touching the rest of the tensor.
+Safetensors reads are plain positional reads of the bytes the header points at, so a chunk
+of rows is read without touching the rest of the tensor. Files are not memory mapped: pages
+of a mapping stay in the reader's resident memory, which would grow with the inputs read.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from __future__ import annotations
 import json
 import pickle
 import struct
+import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,8 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: torch.dtype
     file: Path
+    #: Where the tensor's bytes start in ``file`` (safetensors files only).
+    offset: int | None = field(default=None, compare=False)
 
     @property
     def numel(self) -> int:
@@ -86,9 +90,24 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
         if name == "__metadata__":
             continue
         try:
-            _begin, stop = meta["data_offsets"]
+            begin, stop = meta["data_offsets"]
+            shape = meta["shape"]
+            valid = (
+                isinstance(meta["dtype"], str)
+                and isinstance(shape, list)
+                and all(isinstance(v, int) and v >= 0 for v in [*shape, begin, stop])
+                and begin <= stop
+            )
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor {name!r}") from None
+            valid = False
+        if not valid:
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor {name!r}")
+        dtype = SAFETENSORS_DTYPES.get(meta["dtype"])
+        if dtype is not None and TensorInfo(name, tuple(shape), dtype, path).numel * dtype.itemsize != stop - begin:
+            raise CheckpointError(
+                f"{path}: corrupt safetensors header: tensor {name!r} of shape {shape} takes "
+                f"{stop - begin} bytes in the file"
+            )
         end = max(end, stop)
     if 8 + n + end != size:
         raise CheckpointError(
@@ -118,6 +137,7 @@ class Checkpoint:
         self._infos = infos
         self._torch_state = torch_state
         self._handles: dict[Path, Any] = {}
+        self._files: dict[Path, Any] = {}
 
     # -- metadata -----------------------------------------------------------------
     def names(self) -> list[str]:
@@ -143,11 +163,21 @@ class Checkpoint:
         return [i.name for i in self._infos.values() if i.file == file]
 
     # -- data -----------------------------------------------------------------------
-    def read(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+    def read(
+        self, name: str, start: int | None = None, stop: int | None = None, *, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Rows ``start:stop`` of tensor ``name`` (all of it when both are None).
+
+        ``out``, a 1-D uint8 tensor of at least the rows' byte size, is memory to read into;
+        the result is then a view of it, valid until ``out`` is reused. Tensors of a torch
+        file are returned as they are, without copying.
+        """
         info = self.info(name)
         if self._torch_state is not None:
             t = self._torch_state[name]
             return t if start is None and stop is None else t[start:stop]
+        if info.offset is not None and sys.byteorder == "little":
+            return self._read_bytes(info, start, stop, out)
         handle = self._handles.get(info.file)
         if handle is None:
             try:
@@ -164,8 +194,52 @@ class Checkpoint:
         except SafetensorError as exc:
             raise CheckpointError(f"{info.file}: cannot read tensor {name!r} ({exc})") from None
 
+    def _read_bytes(
+        self, info: TensorInfo, start: int | None, stop: int | None, out: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Read rows of a safetensors tensor straight from the file (little-endian, as stored)."""
+        assert info.offset is not None
+        shape = info.shape
+        begin = 0
+        if shape and (start is not None or stop is not None):
+            lo, hi, _ = slice(start, stop).indices(shape[0])
+            hi = max(hi, lo)
+            row_bytes = info.numel // shape[0] * info.dtype.itemsize if shape[0] else 0
+            begin, shape = lo * row_bytes, (hi - lo, *shape[1:])
+        numel = 1
+        for s in shape:
+            numel *= s
+        nbytes = numel * info.dtype.itemsize
+        if out is None:
+            flat = torch.empty(numel, dtype=info.dtype)
+            raw = flat.view(torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
+        else:
+            if out.dtype != torch.uint8 or out.dim() != 1 or out.numel() < nbytes:
+                raise ValueError(f"out: need a 1-D uint8 tensor of at least {nbytes} bytes")
+            raw = out[:nbytes]
+            flat = raw.view(info.dtype) if nbytes else torch.empty(0, dtype=info.dtype)
+        if nbytes:
+            f = self._files.get(info.file)
+            try:
+                if f is None:
+                    f = self._files[info.file] = open(info.file, "rb", buffering=0)
+                f.seek(info.offset + begin)
+                view = memoryview(raw.numpy())
+                done = 0
+                while done < nbytes:
+                    n = f.readinto(view[done:])
+                    if not n:
+                        raise OSError("file is shorter than its header says")
+                    done += n
+            except OSError as exc:
+                raise CheckpointError(f"{info.file}: cannot read tensor {info.name!r} ({exc})") from None
+        return flat.reshape(shape)
+
     def close(self) -> None:
         self._handles.clear()
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -181,6 +255,7 @@ def _safetensors_infos(files: list[Path]) -> dict[str, TensorInfo]:
     infos: dict[str, TensorInfo] = {}
     for file in files:
         header = read_safetensors_header(file)
+        data_start = 8 + _header_length(file)
         entries = [(k, v) for k, v in header.items() if k != "__metadata__"]
         # Keep the file's storage order so sequential reads stay sequential.
         entries.sort(key=lambda kv: kv[1]["data_offsets"][0])
@@ -190,8 +265,16 @@ def _safetensors_infos(files: list[Path]) -> dict[str, TensorInfo]:
                 raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {meta.get('dtype')!r}")
             if name in infos:
                 raise CheckpointError(f"{file}: tensor {name!r} appears in more than one shard")
-            infos[name] = TensorInfo(name, tuple(int(s) for s in meta["shape"]), dtype, file)
+            shape = tuple(int(s) for s in meta["shape"])
+            infos[name] = TensorInfo(name, shape, dtype, file, data_start + int(meta["data_offsets"][0]))
     return infos
+
+
+def _header_length(path: Path) -> int:
+    """The byte length of a safetensors header (its data section starts 8 bytes later)."""
+    with path.open("rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+    return int(n)
 
 
 def _load_torch_state(file: Path) -> dict[str, torch.Tensor]:

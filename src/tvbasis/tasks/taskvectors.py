@@ -15,11 +15,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from tvbasis.errors import CheckpointError, TvbasisError
 from tvbasis.io.checkpoint import Checkpoint, TensorInfo, open_checkpoint
-from tvbasis.io.writer import tensor_bytes
 
 TASK_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
@@ -171,21 +171,62 @@ class TaskVectorSet:
         With ``hashers`` (base first, then one per task) the raw bytes read are hashed too,
         so content hashes come from the same pass.
         """
-        base = self._read(self.base, chunk)
+        rows = self.read_rows(chunk)
         if hashers is not None:
-            hashers[0].update(tensor_bytes(base))
-        base64 = base.reshape(-1).to(torch.float64)
-        # Filled task by task as contiguous rows; the caller gets the (numel, T) view.
-        out = torch.empty((self.n_tasks, base64.numel()), dtype=torch.float64)
-        for t, ckpt in enumerate(self.checkpoints):
-            rows = self._read(ckpt, chunk)
-            if hashers is not None:
-                hashers[t + 1].update(tensor_bytes(rows))
-            torch.sub(rows.reshape(-1).to(torch.float64), base64, out=out[t])
-        return out.T
+            for hasher, r in zip(hashers, rows, strict=True):
+                hasher.update(raw_bytes(r))
+        return self.task_rows(rows)
 
-    @staticmethod
-    def _read(ckpt: Checkpoint, chunk: Chunk) -> torch.Tensor:
-        if not ckpt.info(chunk.tensor).shape:
-            return ckpt.read(chunk.tensor)
-        return ckpt.read(chunk.tensor, chunk.start, chunk.stop)
+    def read_rows(self, chunk: Chunk, buffers: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """The chunk's rows as stored, flattened: the base's first, then each task's.
+
+        ``buffers`` (one 1-D uint8 tensor per checkpoint, base first, each large enough) is
+        memory to read into; the rows are then views of it, valid until it is reused.
+        """
+        rows = []
+        for i, ckpt in enumerate([self.base, *self.checkpoints]):
+            out = buffers[i] if buffers is not None else None
+            if not ckpt.info(chunk.tensor).shape:
+                r = ckpt.read(chunk.tensor, out=out)
+            else:
+                r = ckpt.read(chunk.tensor, chunk.start, chunk.stop, out=out)
+            rows.append(r.reshape(-1))
+        return rows
+
+    def task_rows(self, rows: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+        """The ``(numel, T)`` float64 task-vector rows (each task minus the base) of ``read_rows``' output.
+
+        The differences are taken in float64. ``out`` (a 1-D float64 tensor of at least
+        ``T * numel`` entries) is memory to fill; the result is then a view of it. The
+        ``(numel, T)`` matrix is the transpose of a contiguous ``(T, numel)`` one.
+        """
+        base, tasks = rows[0], rows[1:]
+        n = base.numel()
+        if out is None:
+            X = torch.empty((self.n_tasks, n), dtype=torch.float64)
+        else:
+            X = out[: self.n_tasks * n].view(self.n_tasks, n)
+        base_np = _numpy(base)
+        for t, r in enumerate(tasks):
+            r_np = _numpy(r)
+            if base_np is not None and r_np is not None:
+                # numpy's elementwise loops are single threaded: no thread start-up per chunk.
+                np.subtract(r_np, base_np, out=X[t].numpy(), dtype=np.float64)
+            else:  # bfloat16 has no numpy dtype
+                torch.sub(r.to(torch.float64), base.to(torch.float64), out=X[t])
+        return X.T
+
+
+_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray | None:
+    return t.numpy() if t.dtype in _NUMPY_FLOATS else None
+
+
+def raw_bytes(t: torch.Tensor) -> np.ndarray:
+    """A tensor's raw little-endian bytes as a uint8 array (no copy when it is contiguous)."""
+    t = t.detach().contiguous().reshape(-1)
+    if t.dtype == torch.bool:
+        t = t.to(torch.uint8)
+    return t.view(torch.uint8).numpy()

@@ -459,7 +459,7 @@ def _train_and_write(base_dir: Path, task: TaskData, cfg: FinetuneConfig, out: P
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 opt.step()
                 sched.step()
-                losses.append(float(loss))
+                losses.append(loss.item())
             train_s = time.perf_counter() - t_train
         model.eval()
         _write_checkpoint(base_dir, ckpt, model, mapping, out)
@@ -535,8 +535,13 @@ def _install(tmp: Path, out_dir: Path, done_by_other) -> None:
 # --------------------------------------------------------------------------------------------
 # Evaluation
 # --------------------------------------------------------------------------------------------
-# Padded (input_ids, attention_mask) batches of one split, and its labels in the same order.
-_Prepared = tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]
+@dataclass(frozen=True)
+class _Prepared:
+    """One split, tokenised once: padded batches in length order and the permutation back."""
+
+    batches: list[tuple[torch.Tensor, torch.Tensor]]  # (input_ids, attention_mask), shortest texts first
+    order: torch.Tensor  # order[j] = index in the split of the j-th example in batch order
+    labels: torch.Tensor  # in batch order
 
 
 class Evaluator:
@@ -639,7 +644,7 @@ class Evaluator:
         return getattr(task, split)
 
     def _prepared(self, task_name: str, split: str, limit: int | None) -> _Prepared:
-        """Padded batches of the first ``limit`` examples sorted by length, and their labels in batch order."""
+        """The first ``limit`` examples of a split, tokenised, sorted by length and batched (cached)."""
         key = (task_name, split, limit)
         hit = self._batches.get(key)
         if hit is None:
@@ -653,26 +658,37 @@ class Evaluator:
                 for s in range(0, len(order), self.batch_size)
             ]
             labels = torch.tensor([examples[i].label for i in order], dtype=torch.long)
-            hit = self._batches[key] = (batches, labels)
+            hit = self._batches[key] = _Prepared(batches, torch.tensor(order, dtype=torch.long), labels)
         return hit
 
     # -- evaluation ----------------------------------------------------------------------------
-    def embeddings(self, task_name: str, split: str, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unit embeddings under the current weights and the matching labels (length-sorted order)."""
-        batches, labels = self._prepared(task_name, split, limit)
+    def _sorted_logits(self, prep: _Prepared, task_name: str) -> torch.Tensor:
         with torch.inference_mode():
-            emb = torch.cat([embed(self.model, ids, mask) for ids, mask in batches])
-        return emb, labels
+            emb = torch.cat([embed(self.model, ids, mask) for ids, mask in prep.batches])
+            return self.logit_scale * emb @ self.heads[task_name].T
 
-    def logits(self, task_name: str, split: str, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``logit_scale * emb @ head.T`` and labels (length-sorted order)."""
-        emb, labels = self.embeddings(task_name, split, limit)
-        return self.logit_scale * emb @ self.heads[task_name].T, labels
+    def embeddings(self, task_name: str, split: str, limit: int | None = None) -> torch.Tensor:
+        """Unit embeddings of the split's first ``limit`` examples under the current weights, in split order."""
+        prep = self._prepared(task_name, split, limit)
+        with torch.inference_mode():
+            emb = torch.cat([embed(self.model, ids, mask) for ids, mask in prep.batches])
+        out = torch.empty_like(emb)
+        out[prep.order] = emb
+        return out
+
+    def logits(self, task_name: str, split: str, limit: int | None = None) -> torch.Tensor:
+        """``logit_scale * emb @ head.T`` for the split's first ``limit`` examples, in split order."""
+        prep = self._prepared(task_name, split, limit)
+        sorted_logits = self._sorted_logits(prep, task_name)
+        out = torch.empty_like(sorted_logits)
+        out[prep.order] = sorted_logits
+        return out
 
     def accuracy(self, task_name: str, split: str = "test", limit: int | None = None) -> float:
         """Top-1 accuracy of the current weights on the first ``limit`` examples of a split."""
-        logits, labels = self.logits(task_name, split, limit)
-        return float((logits.argmax(-1) == labels).float().mean())
+        prep = self._prepared(task_name, split, limit)
+        pred = self._sorted_logits(prep, task_name).argmax(-1)
+        return float((pred == prep.labels).float().mean())
 
     def accuracies(self, split: str = "test", limit: int | None = None) -> dict[str, float]:
         """:meth:`accuracy` for every task."""
