@@ -38,17 +38,17 @@ def quick_config(out_dir: Path, cache_dir: Path) -> SuiteConfig:
     return SuiteConfig(
         out_dir=out_dir,
         cache_dir=cache_dir,
-        tasks=("lang_id", "name_gender", "wn_noun"),
+        tasks=("lang_id", "wn_noun", "word_sent"),
         model="small",
         methods=("autoencoder", "pca"),
         n_atoms=(2,),
         atoms_mode_methods=("autoencoder",),
         method_settings={"autoencoder": {"steps": 1000}},
-        negation_targets=("lang_id",),
-        control="wn_noun",
+        negation_targets=("wn_noun",),
+        control="word_sent",
         val_limit=32,
         test_limit=96,
-        data={"train_per_class": 16, "val_per_class": 8, "test_per_class": 16},
+        data={"train_per_class": 16, "val_per_class": 8, "test_per_class": 16, "max_classes": 8},
         finetune={"max_steps": 20},
     )
 
