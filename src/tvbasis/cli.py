@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -247,6 +248,20 @@ def _parse_add(items: list[str]) -> dict[str, float]:
     return adds
 
 
+def _weights_from_options(
+    task_names: list[str], add: list[str] | None, add_all: float | None, negate: list[str] | None
+) -> np.ndarray:
+    """The task weights a of --add NAME=COEF, --add-all COEF and --negate NAME."""
+    from tvbasis.arithmetic import task_weights
+
+    adds = _parse_add(add or [])
+    if add_all is not None:
+        adds = {n: adds.get(n, 0.0) + add_all for n in task_names}
+    if not adds and not negate:
+        raise TvbasisError("nothing to do: give --add NAME=COEF, --add-all COEF or --negate NAME")
+    return task_weights(task_names, adds, negate or [])
+
+
 @app.command()
 def edit(
     base: Annotated[str, typer.Option(help="Base checkpoint the store was built on.")],
@@ -266,7 +281,7 @@ def edit(
     quiet: Quiet = False,
 ) -> None:
     """Write BASE + scale * (combination of tasks) using only the store and the base."""
-    from tvbasis.arithmetic import atoms_sum_coefficients, edit_model, task_coefficients, task_weights
+    from tvbasis.arithmetic import atoms_sum_coefficients, edit_model, task_coefficients
     from tvbasis.store import open_store
 
     set_quiet(quiet)
@@ -277,13 +292,8 @@ def edit(
                 raise TvbasisError("--mode atoms sums the atoms with unit weights; drop --add/--negate/--add-all")
             coefs = atoms_sum_coefficients(s.n_atoms, s.has_mean, scale)
         elif mode == "tasks":
-            adds = _parse_add(add or [])
-            if add_all is not None:
-                for name in s.task_names:
-                    adds[name] = adds.get(name, 0.0) + add_all
-            if not adds and not negate:
-                raise TvbasisError("nothing to do: give --add NAME=COEF, --add-all COEF or --negate NAME")
-            coefs = task_coefficients(s.decoder, task_weights(s.task_names, adds, negate or []), scale)
+            a = _weights_from_options(s.task_names, add, add_all, negate)
+            coefs = task_coefficients(s.decoder, a, scale)
         else:
             raise TvbasisError(f"--mode {mode!r}: choose tasks or atoms")
         edit_model(base, s, coefs, out_path, overwrite=overwrite, ignore_base_mismatch=ignore_base_mismatch)
@@ -374,7 +384,7 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Accuracy of the base, a fine-tune, or the base edited through a store, on text-suite tasks."""
-    from tvbasis.arithmetic import combination_state, task_coefficients, task_weights
+    from tvbasis.arithmetic import combination_state, task_coefficients
     from tvbasis.store import open_store
     from tvbasis.textsuite.data import load_task
     from tvbasis.textsuite.model import Evaluator
@@ -390,12 +400,7 @@ def evaluate(
             ev.set_task_vector(task_vector(ev.base_state(), weights))
         elif store is not None:
             s = open_store(store)
-            adds = _parse_add(add or [])
-            if add_all is not None:
-                adds = {n: adds.get(n, 0.0) + add_all for n in s.task_names}
-            if not adds and not negate:
-                raise TvbasisError("--store needs --add NAME=COEF, --add-all COEF or --negate NAME")
-            a = task_weights(s.task_names, adds, negate or [])
+            a = _weights_from_options(s.task_names, add, add_all, negate)
             ev.set_task_vector(combination_state(s, task_coefficients(s.decoder, a, scale)))
         accs = {n: ev.accuracy(n, split) for n in task}
     except TvbasisError as exc:
