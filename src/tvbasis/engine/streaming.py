@@ -15,16 +15,21 @@ Because every statistic is a sum over rows, results do not depend on the chunk s
 
 Memory and speed: a pass reuses the same buffers for every chunk (fresh large allocations
 cost page faults on every chunk), caps a chunk at about ``WORKING_SET_ENTRIES / T`` entries
-per task so the memory it holds does not grow with T, and hashes in a background thread
-(``hashlib`` releases the GIL) while the main thread converts and multiplies.
+per task so the memory it holds does not grow with T, and overlaps its stages on threads (hashing
+beside the Gram products; reading, storing and measuring in the atom pass). Products run
+in torch on one thread each: per-chunk products and copies are small, and waking a thread
+pool for each costs more than it saves (far more when other processes hold the cores).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import numpy as np
 import torch
@@ -46,6 +51,8 @@ Observer = Callable[[Chunk, torch.Tensor], None]
 AtomFunction = Callable[[Chunk, torch.Tensor], torch.Tensor]
 #: ``sink(chunk, S) -> S_stored`` writes atom rows and returns them as stored (float64).
 AtomSink = Callable[[Chunk, torch.Tensor], torch.Tensor]
+
+_L = TypeVar("_L")
 
 
 @dataclass
@@ -75,11 +82,30 @@ def pass_chunk_elements(chunk_elements: int, n_tasks: int) -> int:
 class _Buffers:
     """Memory a pass reuses for every chunk: raw bytes per checkpoint, float64 task-vector rows."""
 
-    def __init__(self, tvs: TaskVectorSet, chunks: Sequence[Chunk], raw_sets: int) -> None:
+    def __init__(self, tvs: TaskVectorSet, chunks: Sequence[Chunk], raw_sets: int = 1, x_sets: int = 1) -> None:
         numel = max((c.numel for c in chunks), default=0)
         sizes = [max(ckpt.info(i.name).dtype.itemsize for i in tvs.tensors) for ckpt in [tvs.base, *tvs.checkpoints]]
         self.raw = [[torch.empty(numel * size, dtype=torch.uint8) for size in sizes] for _ in range(raw_sets)]
-        self.x = torch.empty(tvs.n_tasks * numel, dtype=torch.float64)
+        self.x = [torch.empty(tvs.n_tasks * numel, dtype=torch.float64) for _ in range(x_sets)]
+
+
+@contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """Run torch single-threaded for the duration of a pass, then restore its thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _worker(name: str) -> ThreadPoolExecutor:
+    """One worker thread for a pass stage; torch runs single-threaded there too (OpenMP's
+    thread count is a per-thread setting, so a new thread would otherwise start a team of its own)."""
+    return ThreadPoolExecutor(
+        max_workers=1, thread_name_prefix=f"tvbasis-{name}", initializer=torch.set_num_threads, initargs=(1,)
+    )
 
 
 def _check_finite(tvs: TaskVectorSet, chunk: Chunk, col_sq: np.ndarray) -> None:
@@ -93,9 +119,51 @@ def _check_finite(tvs: TaskVectorSet, chunk: Chunk, col_sq: np.ndarray) -> None:
         )
 
 
-def _update_hashes(hashers: Sequence[hashlib._Hash], rows: Sequence[torch.Tensor]) -> None:
-    for hasher, r in zip(hashers, rows, strict=True):
-        hasher.update(raw_bytes(r))
+class _Prefetch(Generic[_L]):
+    """Runs ``load(i)`` for the chunks in order on one worker thread, ``ahead`` chunks in front.
+
+    ``load(i)`` fills buffer slot ``i % slots``; before chunk ``i`` is loaded, ``release(i - slots)``
+    is awaited, so a slot is reused only when the consumer is done with it.
+    """
+
+    def __init__(self, n: int, load: Callable[[int], _L], slots: int, pool: ThreadPoolExecutor) -> None:
+        self._n, self._load, self._slots, self._pool = n, load, slots, pool
+        self._pending: deque[Future[_L]] = deque()
+        self._released: list[Future[None] | None] = [None] * slots
+        self._next = 0
+        for _ in range(slots - 1):
+            self._submit()
+
+    def _submit(self) -> None:
+        if self._next < self._n:
+            i, self._next = self._next, self._next + 1
+            release = self._released[i % self._slots]
+            self._pending.append(self._pool.submit(self._run, i, release))
+
+    def _run(self, i: int, release: Future[None] | None) -> _L:
+        if release is not None:
+            release.result()
+        return self._load(i)
+
+    def get(self) -> _L:
+        """The next chunk's load result; starts loading the one ``slots - 1`` further on."""
+        result = self._pending.popleft().result()
+        self._submit()
+        return result
+
+    def release_when(self, i: int, done: Future[None]) -> None:
+        """Chunk ``i``'s slot is free once ``done`` completes."""
+        self._released[i % self._slots] = done
+
+    def wait_released(self) -> None:
+        """Wait until every slot's last user is done (and raise its error, if any)."""
+        for done in self._released:
+            if done is not None:
+                done.result()
+
+    def cancel(self) -> None:
+        for job in self._pending:
+            job.cancel()
 
 
 def gram_pass(
@@ -104,36 +172,44 @@ def gram_pass(
     observe: Observer | None = None,
     hash_inputs: bool = True,
 ) -> GramStats:
-    """Stream all task vectors once; return ``G`` and the inputs' content hashes."""
+    """Stream all task vectors once; return ``G`` and the inputs' content hashes.
+
+    A worker thread reads (and hashes) the chunks, in order, while this one converts them
+    and accumulates ``G``.
+    """
     T = tvs.n_tasks
     chunks = plan_chunks(tvs.tensors, pass_chunk_elements(chunk_elements, T))
     gram = np.zeros((T, T), dtype=np.float64)
     hashers = [hashlib.sha256() for _ in range(T + 1)] if hash_inputs else None
-    # With hashing, two sets of raw buffers: one is hashed while the next chunk is read.
-    buffers = _Buffers(tvs, chunks, raw_sets=2 if hashers else 1)
-    hashing: list[Future[None] | None] = [None] * len(buffers.raw)
+    buffers = _Buffers(tvs, chunks, raw_sets=2)
+
+    def load(i: int) -> list[torch.Tensor]:
+        rows = tvs.read_rows(chunks[i], buffers.raw[i % 2])
+        if hashers is not None:
+            for hasher, r in zip(hashers, rows, strict=True):
+                hasher.update(raw_bytes(r))
+        return rows
+
     with (
         progress(tvs.dim * (T + 1), "Gram pass", unit="param") as bar,
-        ThreadPoolExecutor(max_workers=1, thread_name_prefix="tvbasis-hash") as pool,
+        _one_torch_thread(),
+        _worker("read") as pool,
     ):
-        for i, chunk in enumerate(chunks):
-            k = i % len(buffers.raw)
-            if (job := hashing[k]) is not None:
-                job.result()  # the hashes of the chunk read into this buffer are done
-            rows = tvs.read_rows(chunk, buffers.raw[k])
-            if hashers is not None:
-                hashing[k] = pool.submit(_update_hashes, hashers, rows)
-            X = tvs.task_rows(rows, buffers.x)
-            Xt = X.T.numpy()  # (T, numel), contiguous: X^T X is one symmetric rank-k update
-            update = Xt @ Xt.T
-            _check_finite(tvs, chunk, np.diagonal(update))
-            gram += update
-            if observe is not None:
-                observe(chunk, X)
-            bar.update(chunk.numel * (T + 1))
-        for job in hashing:
-            if job is not None:
-                job.result()
+        # Two raw slots: chunk i + 1 is read into one while chunk i is converted from the
+        # other; chunk i - 1, the slot's previous user, is already converted by then.
+        reader = _Prefetch(len(chunks), load, slots=2, pool=pool)
+        try:
+            for chunk in chunks:
+                X = tvs.task_rows(reader.get(), buffers.x[0])
+                Xt = X.T  # (T, numel), contiguous
+                update = (Xt @ Xt.T).numpy()
+                _check_finite(tvs, chunk, np.diagonal(update))
+                gram += update
+                if observe is not None:
+                    observe(chunk, X)
+                bar.update(chunk.numel * (T + 1))
+        finally:
+            reader.cancel()
     gram = (gram + gram.T) / 2  # exact symmetry for the eigensolvers
     return GramStats(
         gram=gram,
@@ -142,22 +218,56 @@ def gram_pass(
     )
 
 
+class _AtomStats:
+    """Running ``S^T S`` and ``S^T V`` over the chunks, in chunk order."""
+
+    def __init__(self) -> None:
+        self.ss: np.ndarray | None = None
+        self.sv: np.ndarray | None = None
+
+    def add(self, stored: torch.Tensor, X: torch.Tensor) -> None:
+        S = stored.to(torch.float64)
+        s_s, s_v = (S.T @ S).numpy(), (S.T @ X).numpy()
+        self.ss = s_s if self.ss is None else self.ss + s_s
+        self.sv = s_v if self.sv is None else self.sv + s_v
+
+
+#: Task-vector row buffers in the atom pass: one being read, one being stored, one being measured.
+_ATOM_SLOTS = 3
+
+
 def atom_pass(
     tvs: TaskVectorSet, atoms: AtomFunction, sink: AtomSink, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
 ) -> AtomStats:
-    """Stream all task vectors again, computing, storing and measuring the atoms chunk by chunk."""
+    """Stream all task vectors again, computing, storing and measuring the atoms chunk by chunk.
+
+    Three stages overlap, each taking the chunks in order: a worker thread reads and converts
+    the rows; this thread computes the atoms (``atoms``) and stores them (``sink``); another
+    worker accumulates ``S^T S`` and ``S^T V``.
+    """
     T = tvs.n_tasks
     chunks = plan_chunks(tvs.tensors, pass_chunk_elements(chunk_elements, T))
-    buffers = _Buffers(tvs, chunks, raw_sets=1)
-    ss: np.ndarray | None = None
-    sv: np.ndarray | None = None
-    with progress(tvs.dim * (T + 1), "Atom pass", unit="param") as bar:
-        for chunk in chunks:
-            X = tvs.task_rows(tvs.read_rows(chunk, buffers.raw[0]), buffers.x)
-            stored = sink(chunk, atoms(chunk, X)).to(torch.float64).numpy()
-            s_s, s_v = stored.T @ stored, stored.T @ X.numpy()
-            ss = s_s if ss is None else ss + s_s
-            sv = s_v if sv is None else sv + s_v
-            bar.update(chunk.numel * (T + 1))
-    assert ss is not None and sv is not None
-    return AtomStats(atom_gram=(ss + ss.T) / 2, atom_cross=sv)
+    buffers = _Buffers(tvs, chunks, raw_sets=1, x_sets=_ATOM_SLOTS)
+    stats = _AtomStats()
+
+    def load(i: int) -> torch.Tensor:
+        return tvs.task_rows(tvs.read_rows(chunks[i], buffers.raw[0]), buffers.x[i % _ATOM_SLOTS])
+
+    with (
+        progress(tvs.dim * (T + 1), "Atom pass", unit="param") as bar,
+        _one_torch_thread(),
+        _worker("read") as pool,
+        _worker("stats") as measurer,
+    ):
+        reader = _Prefetch(len(chunks), load, slots=_ATOM_SLOTS, pool=pool)
+        try:
+            for i, chunk in enumerate(chunks):
+                X = reader.get()
+                stored = sink(chunk, atoms(chunk, X))
+                reader.release_when(i, measurer.submit(stats.add, stored, X))
+                bar.update(chunk.numel * (T + 1))
+            reader.wait_released()
+        finally:
+            reader.cancel()
+    assert stats.ss is not None and stats.sv is not None
+    return AtomStats(atom_gram=(stats.ss + stats.ss.T) / 2, atom_cross=stats.sv)

@@ -206,22 +206,21 @@ class TaskVectorSet:
             X = torch.empty((self.n_tasks, n), dtype=torch.float64)
         else:
             X = out[: self.n_tasks * n].view(self.n_tasks, n)
-        base_np = _numpy(base)
-        for t, r in enumerate(tasks):
-            r_np = _numpy(r)
-            if base_np is not None and r_np is not None:
-                # numpy's elementwise loops are single threaded: no thread start-up per chunk.
-                np.subtract(r_np, base_np, out=X[t].numpy(), dtype=np.float64)
-            else:  # bfloat16 has no numpy dtype
-                torch.sub(r.to(torch.float64), base.to(torch.float64), out=X[t])
+        if all(r.dtype in _NUMPY_FLOATS for r in rows):
+            # Cast, then subtract in place: the exact float64 differences, several times faster
+            # than one mixed-dtype subtract; numpy's loops run on the calling thread only.
+            Xn = X.numpy()
+            for t, r in enumerate(tasks):
+                Xn[t] = r.numpy()
+            np.subtract(Xn, base.numpy().astype(np.float64, copy=False), out=Xn)
+        else:  # bfloat16 has no numpy dtype
+            base64 = base.to(torch.float64)
+            for t, r in enumerate(tasks):
+                torch.sub(r.to(torch.float64), base64, out=X[t])
         return X.T
 
 
 _NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
-
-
-def _numpy(t: torch.Tensor) -> np.ndarray | None:
-    return t.numpy() if t.dtype in _NUMPY_FLOATS else None
 
 
 def raw_bytes(t: torch.Tensor) -> np.ndarray:
