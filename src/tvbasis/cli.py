@@ -60,6 +60,10 @@ def _one_line(message: str) -> str:
     return " ".join(line.strip() for line in _ANSI_ESCAPE.sub("", message).splitlines() if line.strip())
 
 
+def _log(line: str) -> None:
+    err.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
 def _fail(exc: TvbasisError) -> None:
     # Escaped: paths and tensor names may contain "[...]", which rich would take for markup and drop.
     err.print(f"[bold red]error:[/] {escape(_one_line(str(exc)))}", highlight=False, soft_wrap=True, emoji=False)
@@ -322,7 +326,7 @@ def demo(
     set_quiet(quiet)
     make = quick_config if quick else demo_config
     try:
-        results = run_suite(make(out_dir, cache or default_cache()), log=(lambda _: None) if quiet else err.print)
+        results = run_suite(make(out_dir, cache or default_cache()), log=(lambda _: None) if quiet else _log)
     except TvbasisError as exc:
         _fail(exc)
     neg, dropped = negation_table(results)
@@ -330,7 +334,7 @@ def demo(
     out.print("")
     out.print(neg, highlight=False, soft_wrap=True)
     for line in dropped:
-        out.print(f"dropped by compression: {line}", highlight=False)
+        out.print(f"dropped by compression: {line}", highlight=False, soft_wrap=True)
     out.print(
         f"\nreport: {out_dir / 'report.md'} (plots beside it); took {results['timings_s']['total']:.0f} s",
         highlight=False,
