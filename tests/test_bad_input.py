@@ -15,7 +15,7 @@ import shutil
 import struct
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -865,15 +865,6 @@ def info_store_with_a_truncated_atom(env: Env) -> Case:
 
 
 # -- the tests --------------------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """The matrices here are tiny: BLAS threads only add wake-up latency (tens of ms a product on small VMs)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -32,15 +32,6 @@ def invoke(args: Sequence[str | Path | int | float]) -> Result:
 
 def task_flags(fam: Family) -> list[str]:
     return [a for t in fam.tasks for a in ("--task", f"{t.name}={t.path}")]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """The matrices here are tiny: BLAS threads only add wake-up latency (tens of ms a product on small VMs)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture
