@@ -3,18 +3,20 @@
 Writes a ~50M-parameter transformer-like base model and T fine-tunes of it as sharded
 safetensors (Hugging Face layout), then measures, for each T in ``--sizes``:
 
-- ``read floor``: one subprocess reading every tensor of the base and the T fine-tunes once
-  through ``safe_open`` + ``get_tensor``;
+- ``read floor``: a subprocess reading every tensor of the base and the T fine-tunes once
+  through ``safe_open`` + ``get_tensor`` (the I/O floor);
 - ``build pca`` / ``build autoencoder``: ``tvbasis build ... --quiet`` with M = T / 2;
 - ``dense baseline``: a subprocess that holds the D x T float32 matrix in memory, as the
   reference implementation does, and computes the PCA atoms from it.
 
-Every step runs in its own subprocess; its wall time and peak RSS (``ru_maxrss`` from
-``os.wait4``) are recorded. All inputs are read once before timing starts, so every step
-sees a warm page cache. Usage::
+Every step runs in its own subprocess; its wall time, CPU time and peak RSS (``ru_maxrss``
+from ``os.wait4``) are recorded, with the load other processes put on the machine
+meanwhile. All inputs are read once before timing starts, so every step sees a warm page
+cache. The synthetic models are kept in ``--data-dir`` and reused by later runs. Usage::
 
     python benchmarks/build.py                 # the full benchmark (T = 8 and 16, ~50M params)
     python benchmarks/build.py --quick         # a small model (~2M params) for a smoke run
+    python benchmarks/build.py --settle 120    # on a shared machine: wait for idle before each step
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,13 +143,13 @@ def generate(spec: ModelSpec, root: Path, n_tasks: int, seed: int = 0, rank: int
 
 
 def ensure_data(spec: ModelSpec, data_dir: Path, n_tasks: int) -> Path:
-    """The model family's directory, generated unless a matching marker says it is already there."""
+    """The model family's directory, generated unless its marker says enough of it is already there."""
     root = data_dir / f"model-{spec.label}"
     want = {"version": DATA_VERSION, "spec": asdict(spec), "n_tasks": n_tasks}
     marker = root / MARKER
     if marker.is_file():
         have = json.loads(marker.read_text())
-        if have == want:
+        if have.get("version") == DATA_VERSION and have.get("spec") == want["spec"] and have["n_tasks"] >= n_tasks:
             print(f"reusing synthetic models in {root}", flush=True)
             return root
     print(f"writing base + {n_tasks} fine-tunes ({spec.n_params:,} params each) to {root} ...", flush=True)
@@ -179,22 +183,33 @@ def warm_cache(paths: list[Path]) -> int:
 
 
 def worker_read(models: list[Path]) -> dict[str, float]:
-    """Read every tensor of every model once through ``safe_open`` + ``get_tensor``."""
+    """Read every tensor of every model once through ``safe_open`` + ``get_tensor``.
+
+    ``get_tensor`` returns a view of the memory-mapped file and reads nothing by itself, so
+    each tensor's bytes are copied once into a reused buffer: every byte is read, and no
+    time goes to faulting in fresh memory for each tensor.
+    """
+    import torch
     from safetensors import safe_open
 
+    buffer = torch.empty(0, dtype=torch.uint8)
     t0 = time.perf_counter()
     nbytes = 0
     for model in models:
         for file in shard_files(model):
             with safe_open(str(file), framework="pt") as h:
                 for key in h.keys():
-                    t = h.get_tensor(key)
-                    nbytes += t.numel() * t.element_size()
-                    del t
+                    data = h.get_tensor(key).reshape(-1).view(torch.uint8)
+                    if data.numel() > buffer.numel():
+                        buffer = torch.empty(data.numel(), dtype=torch.uint8)
+                    buffer[: data.numel()].copy_(data)
+                    nbytes += data.numel()
+                    del data
     return {"seconds": time.perf_counter() - t0, "bytes": nbytes}
 
 
 def load_model(model: Path) -> dict:
+    """Every tensor of a sharded model, in memory."""
     from safetensors.torch import load_file
 
     state = {}
@@ -208,7 +223,8 @@ def worker_dense(base_dir: Path, tasks: list[Path], n_atoms: int, out: Path) -> 
 
     Each fine-tune is loaded whole, flattened minus the base into one column; then PCA atoms
     ``S = V Q_M`` from the eigenvectors of ``V^T V``, saved to ``out``. The matrix is filled
-    in place rather than stacked from a list, which spares the baseline a second copy.
+    in place rather than stacked from a list of columns, which spares the baseline the second
+    copy that stacking makes, so its peak RSS is if anything an underestimate.
     """
     import torch
     from safetensors.torch import save_file
@@ -251,34 +267,79 @@ class Result:
     step: str
     wall_s: float
     peak_rss_mb: float
+    cpu_s: float
+    others: float | None  # cores other processes (or the hypervisor) took during the step, on average
     inner_s: float | None = None  # time measured inside the worker (no interpreter start-up)
 
 
-def measure(cmd: list[str]) -> tuple[float, float, str]:
-    """Run ``cmd``; return its wall seconds, peak RSS in MB (``ru_maxrss`` via ``wait4``) and stdout."""
+def busy_seconds() -> float | None:
+    """CPU seconds all processes have spent so far, plus those the hypervisor took from this
+    machine (steal), from Linux's ``/proc/stat``; None elsewhere."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields + [0] * (8 - len(fields))
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Measurement:
+    wall_s: float
+    peak_rss_mb: float
+    cpu_s: float  # the step's own CPU time (user + system)
+    others: float | None  # cores other processes (or the hypervisor) took meanwhile, on average
+    stdout: str
+
+
+def wait_idle(limit_s: float, window_s: float = 3.0, max_busy: float = 0.2) -> None:
+    """Wait (at most ``limit_s``) until other processes keep fewer than ``max_busy`` cores busy
+    over ``window_s``: on a shared machine, their load would disturb the timings."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        before = busy_seconds()
+        if before is None:
+            return
+        time.sleep(window_s)
+        after = busy_seconds()
+        if after is not None and (after - before) / window_s < max_busy:
+            return
+    print(f"  (the machine stayed busy for {limit_s:.0f} s; measuring anyway)", flush=True)
+
+
+def measure(cmd: list[str], settle_s: float = 0.0) -> Measurement:
+    """Run ``cmd``; return its wall seconds, peak RSS (``ru_maxrss`` via ``wait4``), CPU time and stdout.
+
+    With ``settle_s``, first wait up to that long for the machine to be idle.
+    """
     os.sync()  # no writeback of an earlier step's output during this one
+    if settle_s > 0:
+        wait_idle(settle_s)
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        busy0 = busy_seconds()
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=REPO)
         _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, not all children's
         wall = time.perf_counter() - t0
+        busy1 = busy_seconds()
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read().decode(), err.read().decode()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:6])} ... failed ({proc.returncode}):\n{stderr[-4000:]}")
-    return wall, usage.ru_maxrss / 1024, stdout
+    cpu = usage.ru_utime + usage.ru_stime
+    others = None if busy0 is None or busy1 is None else max(0.0, (busy1 - busy0 - cpu) / wall)
+    return Measurement(wall, usage.ru_maxrss / 1024, cpu, others, stdout)
 
 
-def run_step(cmd: list[str], repeat: int) -> tuple[float, float, str]:
-    """Best wall of ``repeat`` runs (timings on a shared machine are noisy); the largest peak RSS."""
-    walls, rss, out = [], [], ""
-    for _ in range(repeat):
-        wall, peak, out = measure(cmd)
-        walls.append(wall)
-        rss.append(peak)
-    return min(walls), max(rss), out
+def run_step(cmd: list[str], repeat: int, settle_s: float) -> Measurement:
+    """The run with the best wall time of ``repeat`` (timings on a shared machine are noisy),
+    with the largest peak RSS of them all."""
+    runs = [measure(cmd, settle_s) for _ in range(repeat)]
+    best = min(runs, key=lambda m: m.wall_s)
+    best.peak_rss_mb = max(m.peak_rss_mb for m in runs)
+    return best
 
 
 def python_cmd(*args: str) -> list[str]:
@@ -286,19 +347,22 @@ def python_cmd(*args: str) -> list[str]:
 
 
 def bench_size(
-    root: Path, n_tasks: int, methods: list[str], steps: int | None, repeat: int, work: Path
+    root: Path, n_tasks: int, methods: list[str], steps: int | None, repeat: int, settle_s: float, work: Path
 ) -> list[Result]:
+    """Every step for the first ``n_tasks`` fine-tunes, M = T / 2."""
     base, tasks = model_dirs(root, n_tasks)
     n_atoms = max(1, n_tasks // 2)
     results: list[Result] = []
 
-    def note(r: Result) -> None:
+    def note(step: str, m: Measurement, inner: bool = False) -> None:
+        r = Result(n_tasks, step, m.wall_s, m.peak_rss_mb, m.cpu_s, m.others)
+        if inner:
+            r.inner_s = json.loads(m.stdout)["seconds"]
         results.append(r)
-        print(f"  T={r.n_tasks:<3d} {r.step:<20s} {r.wall_s:8.2f} s {r.peak_rss_mb:9.0f} MB", flush=True)
+        print(f"  T={n_tasks:<3d} {step:<20s} {r.wall_s:8.2f} s {r.peak_rss_mb:9.0f} MB", flush=True)
 
     args = json.dumps({"models": [str(p) for p in [base, *tasks]]})
-    wall, rss, out = run_step(python_cmd(__file__, "_read", args), repeat)
-    note(Result(n_tasks, "read floor", wall, rss, json.loads(out)["seconds"]))
+    note("read floor", run_step(python_cmd(__file__, "_read", args), repeat, settle_s), inner=True)
 
     for method in methods:
         store = work / f"T{n_tasks}-{method}"
@@ -308,14 +372,12 @@ def bench_size(
         cmd += ["--method", method, "-M", str(n_atoms), "--out", str(store), "--overwrite", "--quiet"]
         if method == "autoencoder" and steps is not None:
             cmd += ["--steps", str(steps)]
-        wall, rss, _ = run_step(cmd, repeat)
-        note(Result(n_tasks, f"build {method}", wall, rss))
+        note(f"build {method}", run_step(cmd, repeat, settle_s))
         shutil.rmtree(store, ignore_errors=True)
 
     dense_out = work / f"T{n_tasks}-dense.safetensors"
     args = json.dumps({"base": str(base), "tasks": [str(p) for p in tasks], "n_atoms": n_atoms, "out": str(dense_out)})
-    wall, rss, out = run_step(python_cmd(__file__, "_dense", args), repeat)
-    note(Result(n_tasks, "dense baseline", wall, rss, json.loads(out)["seconds"]))
+    note("dense baseline", run_step(python_cmd(__file__, "_dense", args), repeat, settle_s), inner=True)
     dense_out.unlink(missing_ok=True)
     return results
 
@@ -327,12 +389,21 @@ def verdict(ok: bool) -> str:
 def report(results: list[Result], sizes: list[int], methods: list[str]) -> list[str]:
     """The table and the three ratios against their targets."""
     lines = [
-        f"{'T':>3}  {'step':<20} {'wall s':>8} {'inner s':>8} {'peak RSS MB':>12}",
-        f"{'-' * 3}  {'-' * 20} {'-' * 8} {'-' * 8} {'-' * 12}",
+        f"{'T':>3}  {'step':<20} {'wall s':>8} {'inner s':>8} {'CPU s':>8} {'peak RSS MB':>12} {'others':>7}",
+        f"{'-' * 3}  {'-' * 20} {'-' * 8} {'-' * 8} {'-' * 8} {'-' * 12} {'-' * 7}",
     ]
     for r in results:
         inner = f"{r.inner_s:8.2f}" if r.inner_s is not None else f"{'':8}"
-        lines.append(f"{r.n_tasks:>3}  {r.step:<20} {r.wall_s:8.2f} {inner} {r.peak_rss_mb:12.0f}")
+        others = f"{r.others:7.2f}" if r.others is not None else f"{'n/a':>7}"
+        lines.append(
+            f"{r.n_tasks:>3}  {r.step:<20} {r.wall_s:8.2f} {inner} {r.cpu_s:8.2f} {r.peak_rss_mb:12.0f} {others}"
+        )
+    lines += [
+        "",
+        "wall: the subprocess, interpreter start-up included; inner: the worker's own timing of its work;",
+        f"CPU: the step's user + system time; others: cores other processes or the hypervisor took meanwhile "
+        f"(of {os.cpu_count()}).",
+    ]
     get = {(r.n_tasks, r.step): r for r in results}
     lo, hi = min(sizes), max(sizes)
     lines += ["", f"(a) build wall / (2 x read floor), target <= {WALL_TARGET}:"]
@@ -367,6 +438,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="autoencoder steps (default: the method's 6000)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per step; the best wall time is kept")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument(
+        "--settle", type=float, default=0.0, help="before each step, wait up to this many seconds for an idle machine"
+    )
     opts = parser.parse_args()
 
     sizes = sorted({int(s) for s in opts.sizes.split(",")})
@@ -383,12 +457,14 @@ def main() -> None:
 
     print(
         f"model: {spec.n_params:,} float32 params ({spec.n_params * 4 / 1e6:.0f} MB) per checkpoint, "
-        f"{len(shard_files(base))} shards; M = T/2; cpus: {os.cpu_count()}",
+        f"{len(shard_files(base))} shards; M = T/2\n"
+        f"machine: {os.cpu_count()} cpus, {platform.machine()}; python {platform.python_version()}, "
+        f"torch {version('torch')}, safetensors {version('safetensors')}, numpy {version('numpy')}",
         flush=True,
     )
     results: list[Result] = []
     for T in sizes:
-        results += bench_size(root, T, methods, opts.steps, opts.repeat, work)
+        results += bench_size(root, T, methods, opts.steps, opts.repeat, opts.settle, work)
     print()
     print("\n".join(report(results, sizes, methods)))
     if opts.json:

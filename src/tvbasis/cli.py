@@ -104,7 +104,9 @@ def build(
     density: Annotated[
         float | None, typer.Option(help="[cluster ties] share of entries each task keeps (0.2).")
     ] = None,
-    chunk_elements: Annotated[int, typer.Option(help="Entries per task read at a time.")] = 1 << 20,
+    chunk_elements: Annotated[
+        int, typer.Option(help="At most this many entries per task read at a time (also capped by T).")
+    ] = 1 << 20,
     max_shard_bytes: Annotated[int, typer.Option(help="Shard atoms above this many bytes.")] = 2 * 1024**3,
     overwrite: Overwrite = False,
     quiet: Quiet = False,

@@ -25,9 +25,8 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -37,6 +36,7 @@ import torch
 from tvbasis.errors import TvbasisError
 from tvbasis.progress import progress
 from tvbasis.tasks.taskvectors import Chunk, TaskVectorSet, plan_chunks, raw_bytes
+from tvbasis.threads import single_torch_thread
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 20
 #: A pass holds the rows of all T tasks for about this many entries at a time (8 MiB in float64).
@@ -89,17 +89,6 @@ class _Buffers:
         self.x = [torch.empty(tvs.n_tasks * numel, dtype=torch.float64) for _ in range(x_sets)]
 
 
-@contextmanager
-def _one_torch_thread() -> Iterator[None]:
-    """Run torch single-threaded for the duration of a pass, then restore its thread count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _worker(name: str) -> ThreadPoolExecutor:
     """One worker thread for a pass stage; torch runs single-threaded there too (OpenMP's
     thread count is a per-thread setting, so a new thread would otherwise start a team of its own)."""
@@ -120,10 +109,11 @@ def _check_finite(tvs: TaskVectorSet, chunk: Chunk, col_sq: np.ndarray) -> None:
 
 
 class _Prefetch(Generic[_L]):
-    """Runs ``load(i)`` for the chunks in order on one worker thread, ``ahead`` chunks in front.
+    """Runs ``load(i)`` for the chunks, in order, on one worker thread, up to ``slots - 1`` ahead.
 
-    ``load(i)`` fills buffer slot ``i % slots``; before chunk ``i`` is loaded, ``release(i - slots)``
-    is awaited, so a slot is reused only when the consumer is done with it.
+    ``load(i)`` fills buffer slot ``i % slots``. If the consumer handed over a future for the
+    slot's previous chunk (``release_when``), loading waits for it first, so a slot is reused
+    only once its last user is done.
     """
 
     def __init__(self, n: int, load: Callable[[int], _L], slots: int, pool: ThreadPoolExecutor) -> None:
@@ -192,7 +182,7 @@ def gram_pass(
 
     with (
         progress(tvs.dim * (T + 1), "Gram pass", unit="param") as bar,
-        _one_torch_thread(),
+        single_torch_thread(),
         _worker("read") as pool,
     ):
         # Two raw slots: chunk i + 1 is read into one while chunk i is converted from the
@@ -255,7 +245,7 @@ def atom_pass(
 
     with (
         progress(tvs.dim * (T + 1), "Atom pass", unit="param") as bar,
-        _one_torch_thread(),
+        single_torch_thread(),
         _worker("read") as pool,
         _worker("stats") as measurer,
     ):

@@ -21,10 +21,11 @@ import json
 import pickle
 import struct
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -137,7 +138,8 @@ class Checkpoint:
         self._infos = infos
         self._torch_state = torch_state
         self._handles: dict[Path, Any] = {}
-        self._files: dict[Path, Any] = {}
+        self._file: tuple[Path, BinaryIO] | None = None  # the last file read (one fd per checkpoint)
+        self._lock = threading.Lock()
 
     # -- metadata -----------------------------------------------------------------
     def names(self) -> list[str]:
@@ -219,27 +221,38 @@ class Checkpoint:
             raw = out[:nbytes]
             flat = raw.view(info.dtype) if nbytes else torch.empty(0, dtype=info.dtype)
         if nbytes:
-            f = self._files.get(info.file)
             try:
-                if f is None:
-                    f = self._files[info.file] = open(info.file, "rb", buffering=0)
-                f.seek(info.offset + begin)
-                view = memoryview(raw.numpy())
-                done = 0
-                while done < nbytes:
-                    n = f.readinto(view[done:])
-                    if not n:
-                        raise OSError("file is shorter than its header says")
-                    done += n
+                self._read_into(info.file, info.offset + begin, memoryview(raw.numpy()))
             except OSError as exc:
                 raise CheckpointError(f"{info.file}: cannot read tensor {info.name!r} ({exc})") from None
         return flat.reshape(shape)
 
+    def _read_into(self, file: Path, offset: int, view: memoryview) -> None:
+        """Fill ``view`` from ``file`` at ``offset``. Reads are serialised per checkpoint, and
+        only the file last read stays open, so T checkpoints hold T descriptors however many
+        shards they have."""
+        with self._lock:
+            if self._file is None or self._file[0] != file:
+                self._close_file()
+                self._file = (file, open(file, "rb", buffering=0))
+            f = self._file[1]
+            f.seek(offset)
+            done = 0
+            while done < len(view):
+                n = f.readinto(view[done:])
+                if not n:
+                    raise OSError("file is shorter than its header says")
+                done += n
+
+    def _close_file(self) -> None:
+        if self._file is not None:
+            self._file[1].close()
+            self._file = None
+
     def close(self) -> None:
         self._handles.clear()
-        for f in self._files.values():
-            f.close()
-        self._files.clear()
+        with self._lock:
+            self._close_file()
 
     def __enter__(self) -> Checkpoint:
         return self

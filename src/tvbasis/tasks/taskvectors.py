@@ -211,8 +211,8 @@ class TaskVectorSet:
             # than one mixed-dtype subtract; numpy's loops run on the calling thread only.
             Xn = X.numpy()
             for t, r in enumerate(tasks):
-                Xn[t] = r.numpy()
-            np.subtract(Xn, base.numpy().astype(np.float64, copy=False), out=Xn)
+                Xn[t] = r.detach().numpy()
+            np.subtract(Xn, base.detach().numpy().astype(np.float64, copy=False), out=Xn)
         else:  # bfloat16 has no numpy dtype
             base64 = base.to(torch.float64)
             for t, r in enumerate(tasks):
