@@ -8,8 +8,8 @@ import pytest
 import torch
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
+@pytest.fixture
+def one_thread() -> Iterator[None]:
     """The matrices here are tiny: BLAS threads only add wake-up latency (tens of ms a product on small VMs)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)

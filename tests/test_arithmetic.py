@@ -32,8 +32,9 @@ def family(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def exact_store(family, tmp_path_factory: pytest.TempPathFactory):
     """PCA with M = T: reconstruction is exact, so arithmetic equals arithmetic on the originals."""
-    return build_store(family.base, family.tasks, make_method("pca", 4), tmp_path_factory.mktemp("s") / "pca",
-                       exclude=EXCLUDE)
+    return build_store(
+        family.base, family.tasks, make_method("pca", 4), tmp_path_factory.mktemp("s") / "pca", exclude=EXCLUDE
+    )
 
 
 def test_weight_one_reproduces_the_task_vector(family, exact_store, tmp_path: Path) -> None:
@@ -49,8 +50,9 @@ def test_edit_add_and_negate(family, exact_store, tmp_path: Path) -> None:
     out = edit_model(family.base, exact_store, task_coefficients(exact_store.decoder, a), tmp_path / "add.safetensors")
     np.testing.assert_allclose(read_flat(out, family.names), base + tau, atol=1e-5)
     neg = task_weights(exact_store.task_names, negate=["task1"])
-    out = edit_model(family.base, exact_store, task_coefficients(exact_store.decoder, neg, 0.5),
-                     tmp_path / "neg.safetensors")
+    out = edit_model(
+        family.base, exact_store, task_coefficients(exact_store.decoder, neg, 0.5), tmp_path / "neg.safetensors"
+    )
     np.testing.assert_allclose(read_flat(out, family.names), base - 0.5 * tau, atol=1e-5)
     # untouched tensors are copied bit for bit: integer buffers and the excluded head
     from tvbasis.io import open_checkpoint
@@ -67,16 +69,20 @@ def test_analogy_is_linear(family, exact_store, tmp_path: Path) -> None:
     np.testing.assert_allclose(read_flat(out, family.names), ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("method,kw", [("autoencoder", {"steps": 200}), ("pca", {"center": True}),
-                                       ("random", {}), ("sample", {}), ("cluster", {})])
+@pytest.mark.parametrize(
+    "method,kw",
+    [("autoencoder", {"steps": 200}), ("pca", {"center": True}), ("random", {}), ("sample", {}), ("cluster", {})],
+)
 def test_task_weighted_addition_equals_sum_of_reconstructions(family, tmp_path: Path, method: str, kw: dict) -> None:
     store = build_store(family.base, family.tasks, make_method(method, 2, **kw), tmp_path / "s", exclude=EXCLUDE)
-    recons = [read_flat(reconstruct_task(store, n, tmp_path / f"{n}.safetensors"), family.names)
-              for n in store.task_names]
+    recons = [
+        read_flat(reconstruct_task(store, n, tmp_path / f"{n}.safetensors"), family.names) for n in store.task_names
+    ]
     a = np.array([0.5, -1.0, 2.0, 0.25])
     out = write_task_vector(store, task_coefficients(store.decoder, a), tmp_path / "sum.safetensors")
-    np.testing.assert_allclose(read_flat(out, family.names), sum(w * r for w, r in zip(a, recons, strict=True)),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        read_flat(out, family.names), sum(w * r for w, r in zip(a, recons, strict=True)), atol=1e-5
+    )
     # reported errors are the errors of what reconstruct writes
     for t, r in enumerate(recons):
         tau = flat(family.deltas[t], family.names)
@@ -85,8 +91,9 @@ def test_task_weighted_addition_equals_sum_of_reconstructions(family, tmp_path: 
 
 
 def test_atoms_mode_is_the_unit_sum_of_atoms(family, tmp_path: Path) -> None:
-    store = build_store(family.base, family.tasks, make_method("autoencoder", 2, steps=100), tmp_path / "s",
-                        exclude=EXCLUDE)
+    store = build_store(
+        family.base, family.tasks, make_method("autoencoder", 2, steps=100), tmp_path / "s", exclude=EXCLUDE
+    )
     atoms = [read_flat(store.path / v["files"][0], family.names) for v in store.manifest["atoms"]["vectors"]]
     out = edit_model(family.base, store, atoms_sum_coefficients(2, False, 0.7), tmp_path / "e.safetensors")
     base = flat(family.base_state, family.names)
@@ -97,10 +104,10 @@ def test_atoms_mode_is_the_unit_sum_of_atoms(family, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_low_precision_atoms_report_their_real_error(family, tmp_path: Path, dtype: str) -> None:
-    store = build_store(family.base, family.tasks, make_method("pca", 4), tmp_path / "s", exclude=EXCLUDE,
-                        dtype=dtype)
-    fp32_bytes = build_store(family.base, family.tasks, make_method("pca", 4), tmp_path / "s32",
-                             exclude=EXCLUDE).manifest["bytes"]["atoms"]
+    store = build_store(family.base, family.tasks, make_method("pca", 4), tmp_path / "s", exclude=EXCLUDE, dtype=dtype)
+    fp32_bytes = build_store(
+        family.base, family.tasks, make_method("pca", 4), tmp_path / "s32", exclude=EXCLUDE
+    ).manifest["bytes"]["atoms"]
     assert store.manifest["bytes"]["atoms"] < 0.7 * fp32_bytes  # half the data; headers are a fixed cost
     for t, name in enumerate(store.task_names):
         r = read_flat(reconstruct_task(store, name, tmp_path / f"{name}.safetensors"), family.names)

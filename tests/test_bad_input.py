@@ -38,6 +38,9 @@ from tvbasis.recipe import load_recipe
 from tvbasis.store import MANIFEST, open_store
 from tvbasis.tasks import TaskSource, TaskVectorSet, parse_task_arg
 
+# tiny matrices: BLAS threads only add wake-up latency
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 EXCLUDE = ["head.*"]
 T = 3
 runner = CliRunner()

@@ -20,6 +20,9 @@ from common import Family, write_family
 from tvbasis.cli import app
 from tvbasis.store import MANIFEST, open_store
 
+# tiny matrices: BLAS threads only add wake-up latency
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 T = 4
 runner = CliRunner()
 

@@ -47,12 +47,20 @@ def test_chunks_cover_every_entry_once(family) -> None:
         assert offsets == sorted(offsets)
 
 
-@pytest.mark.parametrize("method,kw", [("pca", {}), ("autoencoder", {"steps": 100}), ("random", {}),
-                                       ("sample", {}), ("cluster", {"merge": "ties"})])
+@pytest.mark.parametrize(
+    "method,kw",
+    [("pca", {}), ("autoencoder", {"steps": 100}), ("random", {}), ("sample", {}), ("cluster", {"merge": "ties"})],
+)
 def test_results_do_not_depend_on_chunk_size(family, tmp_path: Path, method: str, kw: dict) -> None:
     stores = [
-        build_store(family.base, family.tasks, make_method(method, 3, seed=2, **kw), tmp_path / f"s{c}",
-                    exclude=EXCLUDE, chunk_elements=c)
+        build_store(
+            family.base,
+            family.tasks,
+            make_method(method, 3, seed=2, **kw),
+            tmp_path / f"s{c}",
+            exclude=EXCLUDE,
+            chunk_elements=c,
+        )
         for c in (5, 97, 1 << 20)
     ]
     ref = stores[-1]
@@ -65,8 +73,11 @@ def test_results_do_not_depend_on_chunk_size(family, tmp_path: Path, method: str
         assert s.manifest["base"]["content_sha256"] == ref.manifest["base"]["content_sha256"]
         if ref.manifest["atoms"]["stored"]:
             for va, vb in zip(s.manifest["atoms"]["vectors"], ref.manifest["atoms"]["vectors"], strict=True):
-                np.testing.assert_allclose(read_flat(s.path / va["files"][0], family.names),
-                                           read_flat(ref.path / vb["files"][0], family.names), atol=1e-6)
+                np.testing.assert_allclose(
+                    read_flat(s.path / va["files"][0], family.names),
+                    read_flat(ref.path / vb["files"][0], family.names),
+                    atol=1e-6,
+                )
 
 
 def test_content_hashes_are_of_the_task_vector_tensors(family) -> None:
@@ -87,7 +98,7 @@ def _save_hf_sharded(state: dict[str, torch.Tensor], directory: Path, n_shards: 
     weight_map = {}
     for i in range(n_shards):
         fname = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
-        part = {n: state[n] for n in names[i * per:(i + 1) * per]}
+        part = {n: state[n] for n in names[i * per : (i + 1) * per]}
         save_file(part, str(directory / fname))
         weight_map.update({n: fname for n in part})
     (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
@@ -122,8 +133,11 @@ def test_mixed_precision_inputs(tmp_path: Path) -> None:
 
 
 def test_stream_writer_output_reads_back(tmp_path: Path) -> None:
-    specs = [TensorSpec("a", (5, 3), torch.bfloat16), TensorSpec("b", (), torch.float32),
-             TensorSpec("c", (7,), torch.int64)]
+    specs = [
+        TensorSpec("a", (5, 3), torch.bfloat16),
+        TensorSpec("b", (), torch.float32),
+        TensorSpec("c", (7,), torch.int64),
+    ]
     a = torch.randn(5, 3).to(torch.bfloat16)
     with SafetensorsStreamWriter(tmp_path / "x.safetensors", specs) as w:
         w.write("a", a[:2])

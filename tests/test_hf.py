@@ -20,12 +20,19 @@ from tvbasis.tasks import TaskSource  # noqa: E402
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "mat", "a", "dog"]
 
 
-def tiny_bert(directory: Path, seed: int, shard: str | None = None, delta_from: Path | None = None,
-              scale: float = 0.0) -> Path:
+def tiny_bert(
+    directory: Path, seed: int, shard: str | None = None, delta_from: Path | None = None, scale: float = 0.0
+) -> Path:
     """A 2-layer BERT saved with save_pretrained (optionally sharded) plus a real tokenizer."""
     torch.manual_seed(seed)
-    config = transformers.BertConfig(vocab_size=len(VOCAB), hidden_size=16, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=32, max_position_embeddings=32)
+    config = transformers.BertConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+    )
     model = transformers.BertModel(config) if delta_from is None else transformers.BertModel.from_pretrained(delta_from)
     if scale:
         g = torch.Generator().manual_seed(seed)

@@ -39,8 +39,9 @@ def test_manifest_describes_everything(family, tmp_path: Path) -> None:
 
 
 def test_atoms_are_sharded_above_the_limit(family, tmp_path: Path) -> None:
-    store = build_store(family.base, family.tasks, make_method("pca", 4), tmp_path / "s", exclude=EXCLUDE,
-                        max_shard_bytes=600)
+    store = build_store(
+        family.base, family.tasks, make_method("pca", 4), tmp_path / "s", exclude=EXCLUDE, max_shard_bytes=600
+    )
     files = store.manifest["atoms"]["vectors"][0]["files"]
     assert len(files) > 1 and "-00001-of-" in files[0]
     out = reconstruct_task(store, "task2", tmp_path / "t.safetensors")
