@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -103,11 +104,12 @@ class Store:
         """The task-vector tensors, in the store's fixed order (dtype: the base's)."""
         return [TensorInfo(name, tuple(shape), _dtype(dtype), Path()) for name, shape, dtype in self.manifest["layout"]]
 
+    @cached_property
+    def _shapes(self) -> dict[str, tuple[int, ...]]:
+        return {n: tuple(s) for n, s, _ in self.manifest["layout"]}
+
     def shape_of(self, name: str) -> tuple[int, ...]:
-        shapes = getattr(self, "_shapes", None)
-        if shapes is None:
-            shapes = self._shapes = {n: tuple(s) for n, s, _ in self.manifest["layout"]}
-        return shapes[name]
+        return self._shapes[name]
 
     def task_index(self, name: str) -> int:
         try:
@@ -116,22 +118,20 @@ class Store:
             raise StoreError(f"{self.path}: no task {name!r} (tasks: {', '.join(self.task_names)})") from None
 
     # -- reading atoms ------------------------------------------------------------------
+    @cached_property
     def _vectors(self) -> list[Checkpoint]:
-        cached = getattr(self, "_vector_ckpts", None)
-        if cached is None:
-            cached = []
-            for vec in self.manifest["atoms"]["vectors"]:
-                files = [self.path / f for f in vec["files"]]
-                cached.append(Checkpoint(self.path / ATOMS_DIR, _safetensors_infos(files), "store-atom"))
-            self._vector_ckpts = cached
-        return cached
+        """One lazy reader per stored vector, opened on first use."""
+        return [
+            Checkpoint(self.path / ATOMS_DIR, _safetensors_infos([self.path / f for f in vec["files"]]), "store-atom")
+            for vec in self.manifest["atoms"]["vectors"]
+        ]
 
     def vector_rows(self, chunk: Chunk) -> torch.Tensor:
         """Rows of all K stored vectors for ``chunk``: ``(numel, K)`` float64 (regenerated if not stored)."""
         if not self.manifest["atoms"]["stored"]:
             return self.method.atom_rows(chunk, None)
         cols = []
-        for ckpt in self._vectors():
+        for ckpt in self._vectors:
             info = ckpt.info(chunk.tensor)
             rows = ckpt.read(chunk.tensor) if not info.shape else ckpt.read(chunk.tensor, chunk.start, chunk.stop)
             cols.append(rows.reshape(-1).to(torch.float64))
