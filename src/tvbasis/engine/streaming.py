@@ -34,8 +34,9 @@ import numpy as np
 import torch
 
 from tvbasis.errors import TvbasisError
+from tvbasis.io.writer import tensor_bytes
 from tvbasis.progress import progress
-from tvbasis.tasks.taskvectors import Chunk, TaskVectorSet, plan_chunks, raw_bytes
+from tvbasis.tasks.taskvectors import Chunk, TaskVectorSet, plan_chunks
 from tvbasis.threads import single_torch_thread
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 20
@@ -177,7 +178,7 @@ def gram_pass(
         rows = tvs.read_rows(chunks[i], buffers.raw[i % 2])
         if hashers is not None:
             for hasher, r in zip(hashers, rows, strict=True):
-                hasher.update(raw_bytes(r))
+                hasher.update(tensor_bytes(r))
         return rows
 
     with (

@@ -21,6 +21,14 @@ def _plt():  # imported lazily: plotting is optional and slow to import
     return plt
 
 
+def _save(plt: object, fig: object, out: Path) -> Path:
+    """Lay out, write the PNG and free the figure."""
+    fig.tight_layout()  # type: ignore[attr-defined]
+    fig.savefig(out, dpi=120)  # type: ignore[attr-defined]
+    plt.close(fig)  # type: ignore[attr-defined]
+    return out
+
+
 def plot_accuracy_vs_bytes(points: Sequence[Mapping[str, object]], reference: Mapping[str, float], out: Path) -> Path:
     """Mean normalised accuracy against stored bytes (share of the T fp32 task vectors), one marker per method.
 
@@ -48,10 +56,7 @@ def plot_accuracy_vs_bytes(points: Sequence[Mapping[str, object]], reference: Ma
     ax.set_title("Task addition: accuracy vs storage")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def plot_per_task_bars(
@@ -69,10 +74,7 @@ def plot_per_task_bars(
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=7, ncol=2)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def plot_cosine_heatmap(gram: np.ndarray, names: Sequence[str], out: Path) -> Path:
@@ -90,10 +92,7 @@ def plot_cosine_heatmap(gram: np.ndarray, names: Sequence[str], out: Path) -> Pa
             ax.text(j, i, f"{cos[i, j]:.2f}", ha="center", va="center", fontsize=7)
     fig.colorbar(im, ax=ax, label="cosine (diagonal = 1, colour scale off-diagonal)")
     ax.set_title("Task vector cosine similarity")
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def plot_spectrum(gram: np.ndarray, marks: Sequence[int], out: Path) -> Path:
@@ -114,7 +113,4 @@ def plot_spectrum(gram: np.ndarray, marks: Sequence[int], out: Path) -> Path:
     ax.set_ylim(0, 1.02)
     ax.set_title("Gram spectrum: what a rank-M basis can keep")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+import numpy as np
 import torch
 
 DTYPE_NAMES: dict[torch.dtype, str] = {
@@ -47,12 +48,12 @@ class TensorSpec:
         return n
 
 
-def tensor_bytes(t: torch.Tensor) -> bytes:
-    """Raw little-endian bytes of a tensor, for any dtype (bf16 included)."""
+def tensor_bytes(t: torch.Tensor) -> np.ndarray:
+    """A tensor's raw little-endian bytes as a uint8 array, for any dtype (no copy when contiguous)."""
     t = t.detach().contiguous().reshape(-1)
     if t.dtype == torch.bool:
         t = t.to(torch.uint8)
-    return t.view(torch.uint8).numpy().tobytes()
+    return t.view(torch.uint8).numpy()
 
 
 class SafetensorsStreamWriter:
@@ -97,7 +98,7 @@ class SafetensorsStreamWriter:
         if chunk.dtype != spec.dtype:
             chunk = chunk.to(spec.dtype)
         data = tensor_bytes(chunk)
-        self._written += len(data)
+        self._written += data.nbytes
         if self._written > spec.nbytes:
             raise RuntimeError(f"{self.path}: too many bytes for tensor {name!r}")
         self._file.write(data)

@@ -3,13 +3,12 @@
 Only floating-point tensors shared by base and fine-tunes are task-vector entries; integer
 buffers are ignored. A name or shape that differs between base and a fine-tune is an error
 naming the tensor, unless the user excluded it (e.g. a per-task classification head).
-Nothing is loaded here: ``read_chunk`` returns rows of all T task vectors at once.
+Nothing is loaded here: ``read_rows`` and ``task_rows`` give one chunk of all T task vectors at once.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -165,18 +164,6 @@ class TaskVectorSet:
                     f"(exclude it with --exclude if it is task-specific)"
                 )
 
-    def read_chunk(self, chunk: Chunk, hashers: Sequence[hashlib._Hash] | None = None) -> torch.Tensor:
-        """Rows of all T task vectors for ``chunk``: a ``(numel, T)`` float64 matrix.
-
-        With ``hashers`` (base first, then one per task) the raw bytes read are hashed too,
-        so content hashes come from the same pass.
-        """
-        rows = self.read_rows(chunk)
-        if hashers is not None:
-            for hasher, r in zip(hashers, rows, strict=True):
-                hasher.update(raw_bytes(r))
-        return self.task_rows(rows)
-
     def read_rows(self, chunk: Chunk, buffers: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """The chunk's rows as stored, flattened: the base's first, then each task's.
 
@@ -221,11 +208,3 @@ class TaskVectorSet:
 
 
 _NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
-
-
-def raw_bytes(t: torch.Tensor) -> np.ndarray:
-    """A tensor's raw little-endian bytes as a uint8 array (no copy when it is contiguous)."""
-    t = t.detach().contiguous().reshape(-1)
-    if t.dtype == torch.bool:
-        t = t.to(torch.uint8)
-    return t.view(torch.uint8).numpy()
