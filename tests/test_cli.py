@@ -228,7 +228,7 @@ def _stores_equal(a: Path, b: Path) -> None:
     assert ma["base"]["fingerprint"] == mb["base"]["fingerprint"]
     assert Path(ma["base"]["source"]).resolve() == Path(mb["base"]["source"]).resolve()
     for ta, tb in zip(ma["tasks"], mb["tasks"], strict=True):
-        assert (ta["name"], ta["sha256"], ta["norm"]) == (tb["name"], tb["sha256"], tb["norm"])
+        assert (ta["name"], ta["content_hash"], ta["norm"]) == (tb["name"], tb["content_hash"], tb["norm"])
         assert Path(ta["source"]).resolve() == Path(tb["source"]).resolve()
     for rel in ma["files"]:
         if rel != "README.md":  # names the base's source path

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import xxhash
 from safetensors.torch import save_file
 
-from common import base_state, read_flat, task_deltas, write_family
+from common import base_state, flat, read_flat, task_deltas, write_family
 from tvbasis.build import build_store
-from tvbasis.engine import gram_pass
+from tvbasis.engine import atom_pass, gram_pass
 from tvbasis.io import open_checkpoint
 from tvbasis.io.writer import SafetensorsStreamWriter, TensorSpec, shard_plan
 from tvbasis.methods import make_method
@@ -69,8 +69,8 @@ def test_results_do_not_depend_on_chunk_size(family, tmp_path: Path, method: str
         np.testing.assert_allclose(s.decoder, ref.decoder, rtol=1e-7, atol=1e-9)
         for a, b in zip(s.manifest["tasks"], ref.manifest["tasks"], strict=True):
             assert a["rel_error"] == pytest.approx(b["rel_error"], abs=1e-7)
-            assert a["sha256"] == b["sha256"]
-        assert s.manifest["base"]["content_sha256"] == ref.manifest["base"]["content_sha256"]
+            assert a["content_hash"] == b["content_hash"]
+        assert s.manifest["base"]["content_hash"] == ref.manifest["base"]["content_hash"]
         if ref.manifest["atoms"]["stored"]:
             for va, vb in zip(s.manifest["atoms"]["vectors"], ref.manifest["atoms"]["vectors"], strict=True):
                 np.testing.assert_allclose(
@@ -84,11 +84,40 @@ def test_content_hashes_are_of_the_task_vector_tensors(family) -> None:
     tvs = TaskVectorSet(family.base, family.tasks, exclude=EXCLUDE)
     stats = gram_pass(tvs, chunk_elements=11)
     ckpt = open_checkpoint(family.tasks[0].path)
-    h = hashlib.sha256()
-    for info in tvs.tensors:  # the store's fixed tensor order
-        h.update(ckpt.read(info.name).reshape(-1).view(torch.uint8).numpy().tobytes())
-    assert stats.task_sha256[0] == h.hexdigest()
-    assert len(set(stats.task_sha256)) == len(family.tasks)
+    data = b"".join(  # the store's fixed tensor order
+        ckpt.read(info.name).reshape(-1).view(torch.uint8).numpy().tobytes() for info in tvs.tensors
+    )
+    assert stats.task_hashes[0] == xxhash.xxh3_128_hexdigest(data)
+    assert len(set(stats.task_hashes)) == len(family.tasks)
+
+
+@pytest.mark.parametrize(
+    "method,kw",
+    [("pca", {}), ("pca", {"center": True}), ("autoencoder", {"steps": 50}), ("sample", {}), ("cluster", {})],
+)
+def test_exact_atom_statistics_match_the_stored_atoms(family, method: str, kw: dict) -> None:
+    """fp32 builds of linear methods take S^T S and S^T V from G; they must agree with
+    the statistics measured on the float32 atoms the unmeasured pass writes."""
+    tvs = TaskVectorSet(family.base, family.tasks, exclude=EXCLUDE)
+    m = make_method(method, 2, **kw)
+    m.fit(gram_pass(tvs).gram)
+    exact = m.atom_stats(gram_pass(tvs).gram)
+    assert exact is not None
+    written: list[torch.Tensor] = []
+
+    def keep(chunk, S: torch.Tensor) -> torch.Tensor:
+        assert S.dtype == torch.float32  # unmeasured passes work in the atoms' own precision
+        written.append(S.clone())
+        return S
+
+    assert atom_pass(tvs, m.atom_rows, keep, chunk_elements=37, measure=False) is None
+    S = torch.cat(written).to(torch.float64).numpy()
+    V = np.stack([flat(family.deltas[t], [i.name for i in tvs.tensors]) for t in range(tvs.n_tasks)], axis=1)
+    np.testing.assert_allclose(S.T @ S, exact[0], rtol=1e-5, atol=1e-6 * np.abs(exact[0]).max())
+    np.testing.assert_allclose(S.T @ V, exact[1], rtol=1e-5, atol=1e-6 * np.abs(exact[1]).max())
+    measured = atom_pass(tvs, m.atom_rows, lambda c, S: S.to(torch.float32), chunk_elements=37)
+    assert measured is not None
+    np.testing.assert_allclose(measured.atom_gram, exact[0], rtol=1e-5, atol=1e-6 * np.abs(exact[0]).max())
 
 
 def _save_hf_sharded(state: dict[str, torch.Tensor], directory: Path, n_shards: int = 3) -> None:

@@ -11,7 +11,7 @@ import torch
 from common import read_flat, write_family
 from tvbasis.build import build_store
 from tvbasis.methods import PCA, Autoencoder, Cluster, RandomBasis, Sample, make_method
-from tvbasis.methods.autoencoder import autoencoder_loss
+from tvbasis.methods.autoencoder import autoencoder_gradients, autoencoder_loss
 from tvbasis.methods.random import gaussian_rows
 from tvbasis.store.format import Store
 
@@ -93,8 +93,55 @@ def test_autoencoder_loss_is_the_dense_reconstruction_loss_and_above_the_floor(f
     np.testing.assert_allclose(B.sum(axis=0), 1.0, atol=1e-12)
     assert (B >= 0).all()
     np.testing.assert_allclose(stored_atoms(store, family.names), V @ B, atol=1e-5)
-    G = torch.from_numpy(V.T @ V)
-    assert float(autoencoder_loss(G, torch.from_numpy(B), torch.from_numpy(W))) == pytest.approx(dense, rel=1e-8)
+    assert autoencoder_loss(V.T @ V, B, W) == pytest.approx(dense, rel=1e-8)
+
+
+def _torch_reference_fit(G: np.ndarray, ae: Autoencoder) -> tuple[np.ndarray, np.ndarray, float]:
+    """The reference training loop: autograd on the dense loss, ``torch.optim.Adam``."""
+    T = G.shape[0]
+    Gt = torch.from_numpy(G)
+    gen = torch.Generator().manual_seed(ae.seed)
+    A = torch.randn((T, ae.n_atoms), generator=gen, dtype=torch.float64).requires_grad_()
+    W = torch.zeros((ae.n_atoms, T), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([A, W], lr=ae.lr, weight_decay=ae.weight_decay)
+    temp = ae.temperature
+    for step in range(ae.steps):
+        opt.zero_grad()
+        B = A if ae.linear else torch.softmax(A / temp, dim=0)
+        E = B @ W - torch.eye(T, dtype=torch.float64)
+        (torch.trace(E.T @ Gt @ E) / T**2).backward()
+        opt.step()
+        if ae.anneal_every > 0 and (step + 1) % ae.anneal_every == 0:
+            temp = max(temp * ae.anneal_factor, ae.min_temperature)
+    return A.detach().numpy(), W.detach().numpy(), temp
+
+
+@pytest.mark.parametrize(
+    "kw", [{}, {"linear": True}, {"anneal_factor": 0.7, "anneal_every": 25, "weight_decay": 1e-2, "seed": 3}]
+)
+def test_autoencoder_training_matches_torch_autograd_and_adam(family, kw: dict) -> None:
+    V = family.dense()
+    G = V.T @ V
+    ae = Autoencoder(3, steps=300, **kw).fit(G)
+    A, W, temp = _torch_reference_fit(G, ae)
+    assert ae.final_temperature_ == pytest.approx(temp)
+    np.testing.assert_allclose(ae.A_, A, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(ae.decoder_, W, rtol=1e-7, atol=1e-9)
+
+
+def test_autoencoder_gradients_match_autograd(family) -> None:
+    V = family.dense()
+    G = V.T @ V
+    rng = np.random.default_rng(0)
+    B, W = rng.random((G.shape[0], 2)), rng.standard_normal((2, G.shape[0]))
+    loss, grad_B, grad_W = autoencoder_gradients(G, B, W)
+    Bt, Wt = torch.from_numpy(B).requires_grad_(), torch.from_numpy(W).requires_grad_()
+    E = Bt @ Wt - torch.eye(G.shape[0], dtype=torch.float64)
+    ref = torch.trace(E.T @ torch.from_numpy(G) @ E) / G.shape[0] ** 2
+    ref.backward()
+    assert loss == pytest.approx(float(ref.detach()), rel=1e-12)
+    np.testing.assert_allclose(grad_B, Bt.grad.numpy(), rtol=1e-10)
+    np.testing.assert_allclose(grad_W, Wt.grad.numpy(), rtol=1e-10)
 
 
 def test_autoencoder_is_deterministic_and_saves_annealed_temperature(family, tmp_path: Path) -> None:

@@ -29,8 +29,9 @@ def test_manifest_describes_everything(family, tmp_path: Path) -> None:
     assert m["format"] == "tvbasis-store" and m["format_version"] == 1
     assert m["n_atoms"] == 2 and m["n_tasks"] == 4
     assert [t["name"] for t in m["tasks"]] == ["task0", "task1", "task2", "task3"]
-    assert all(len(t["sha256"]) == 64 and Path(t["source"]).name.endswith(".safetensors") for t in m["tasks"])
-    assert {"tensors", "content_sha256", "layout_sha256", "fingerprint"} <= set(m["base"])
+    assert m["content_hash_algorithm"] == "xxh3-128"
+    assert all(len(t["content_hash"]) == 32 and Path(t["source"]).name.endswith(".safetensors") for t in m["tasks"])
+    assert {"tensors", "content_hash", "layout_sha256", "fingerprint"} <= set(m["base"])
     assert m["selection"]["exclude"] == EXCLUDE
     total = sum(p.stat().st_size for p in store.path.rglob("*") if p.is_file())
     assert m["bytes"]["total"] == total  # everything stored is counted, manifest included

@@ -16,6 +16,7 @@ from tvbasis import __version__
 from tvbasis.engine.streaming import DEFAULT_CHUNK_ELEMENTS, AtomStats, atom_pass, gram_pass
 from tvbasis.errors import TvbasisError
 from tvbasis.io.checkpoint import Checkpoint
+from tvbasis.io.hashing import CONTENT_HASH
 from tvbasis.io.outputs import atomic_output, check_output_path
 from tvbasis.io.writer import ShardedWriter, TensorSpec, shard_plan
 from tvbasis.methods import BasisMethod
@@ -38,7 +39,7 @@ from tvbasis.tasks.taskvectors import Chunk, TaskSource, TaskVectorSet
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 
 
-def base_fingerprint(base: Checkpoint, content_sha256: str) -> dict[str, Any]:
+def base_fingerprint(base: Checkpoint, content_hash: str) -> dict[str, Any]:
     """Names, shapes and dtypes of every base tensor plus a hash of the task-vector tensors' bytes."""
     tensors = [[i.name, list(i.shape), str(i.dtype).removeprefix("torch.")] for i in base.infos()]
     layout_hash = hashlib.sha256(json.dumps(tensors).encode()).hexdigest()
@@ -46,8 +47,8 @@ def base_fingerprint(base: Checkpoint, content_sha256: str) -> dict[str, Any]:
         "source": str(base.path),
         "tensors": tensors,
         "layout_sha256": layout_hash,
-        "content_sha256": content_sha256,
-        "fingerprint": hashlib.sha256((layout_hash + content_sha256).encode()).hexdigest()[:16],
+        "content_hash": content_hash,
+        "fingerprint": hashlib.sha256((layout_hash + content_hash).encode()).hexdigest()[:16],
     }
 
 
@@ -96,16 +97,27 @@ def build_store(
     method.fit(stats.gram)
 
     store_dtype = STORE_DTYPES[dtype]
+    # Linear atoms have exact statistics from G; measuring the stored atoms adds only what
+    # rounding to the store dtype changes, which matters for fp16/bf16, not for fp32.
+    exact_stats = method.atom_stats(stats.gram)
     with atomic_output(out, overwrite=overwrite) as tmp:
         names = vector_names(method.n_atoms, method.has_mean_)
         vectors: list[dict[str, Any]] = []
         if method.stores_atoms:
-            atom_stats = _write_atoms(tvs, method, tmp, names, store_dtype, chunk_elements, max_shard_bytes, vectors)
+            measure = exact_stats is None or store_dtype != torch.float32
+            measured = _write_atoms(
+                tvs, method, tmp, names, store_dtype, chunk_elements, max_shard_bytes, vectors, measure
+            )
+            if measured is not None:
+                atom_gram, atom_cross = measured.atom_gram, measured.atom_cross
+            else:
+                assert exact_stats is not None
+                atom_gram, atom_cross = exact_stats
             if method.decoder_from_atoms:
-                method.fit_decoder(atom_stats.atom_gram, atom_stats.atom_cross)
-            atom_gram, atom_cross = atom_stats.atom_gram, atom_stats.atom_cross
+                method.fit_decoder(atom_gram, atom_cross)
         else:
-            atom_gram, atom_cross = method.atom_stats()  # type: ignore[attr-defined]
+            assert exact_stats is not None, f"{method.name}: atoms neither stored nor known from G"
+            atom_gram, atom_cross = exact_stats
         assert method.decoder_ is not None
         metrics = reconstruction_metrics(stats.gram, atom_gram, atom_cross, method.decoder_)
 
@@ -113,7 +125,7 @@ def build_store(
         arrays.update({f"state.{k}": v for k, v in method.state_arrays().items()})
         save_matrices(tmp / MATRICES, arrays)
 
-        manifest = _manifest(tvs, method, stats.base_sha256, stats.task_sha256, metrics, dtype, vectors)
+        manifest = _manifest(tvs, method, stats.base_hash, stats.task_hashes, metrics, dtype, vectors)
         _finalise(tmp, manifest, tvs)
     return open_store(out)
 
@@ -150,7 +162,9 @@ def _write_atoms(
     chunk_elements: int,
     max_shard_bytes: int,
     vectors: list[dict[str, Any]],
-) -> AtomStats:
+    measure: bool,
+) -> AtomStats | None:
+    """Write the atoms; with ``measure``, also return the inner products of the atoms as stored."""
     (tmp / ATOMS_DIR).mkdir()
     specs = [TensorSpec(i.name, i.shape, store_dtype) for i in tvs.tensors]
     shapes = {i.name: i.shape for i in tvs.tensors}
@@ -163,13 +177,13 @@ def _write_atoms(
     def sink(chunk: Chunk, S: torch.Tensor) -> torch.Tensor:
         shape = shapes[chunk.tensor]
         row_shape = (chunk.stop - chunk.start, *shape[1:]) if shape else ()
-        stored = S.to(store_dtype)
+        stored = S.to(store_dtype)  # S is (numel, K) column-major: each atom's rows are contiguous
         for k, w in enumerate(writers):
             w.write(chunk.tensor, stored[:, k].reshape(row_shape))
-        return stored.to(torch.float64)
+        return stored
 
     try:
-        stats = atom_pass(tvs, method.atom_rows, sink, chunk_elements)
+        stats = atom_pass(tvs, method.atom_rows, sink, chunk_elements, measure=measure)
     except BaseException:
         for w in writers:
             w.abort()
@@ -182,8 +196,8 @@ def _write_atoms(
 def _manifest(
     tvs: TaskVectorSet,
     method: BasisMethod,
-    base_sha: str,
-    task_sha: list[str],
+    base_hash: str,
+    task_hashes: list[str],
     metrics: dict[str, np.ndarray],
     dtype: str,
     vectors: list[dict[str, Any]],
@@ -208,7 +222,7 @@ def _manifest(
             {
                 "name": src.name,
                 "source": str(src.path),
-                "sha256": task_sha[t] if task_sha else "",
+                "content_hash": task_hashes[t] if task_hashes else "",
                 "norm": float(np.sqrt(metrics["sq_norm"][t])),
                 "rel_error": float(metrics["rel_error"][t]),
                 "cosine": float(metrics["cosine"][t]),
@@ -217,7 +231,8 @@ def _manifest(
         ],
         "selection": {"include": tvs.include, "exclude": tvs.exclude},
         "layout": [[i.name, list(i.shape), str(i.dtype).removeprefix("torch.")] for i in tvs.tensors],
-        "base": base_fingerprint(tvs.base, base_sha),
+        "content_hash_algorithm": CONTENT_HASH,
+        "base": base_fingerprint(tvs.base, base_hash),
         "atoms": {"stored": method.stores_atoms, "dtype": dtype, "vectors": vectors},
     }
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +12,7 @@ import torch
 from tvbasis.engine.streaming import DEFAULT_CHUNK_ELEMENTS
 from tvbasis.errors import CheckpointError, TvbasisError
 from tvbasis.io.checkpoint import BIN_INDEX, SAFETENSORS_INDEX, Checkpoint, open_checkpoint
+from tvbasis.io.hashing import CONTENT_HASH, content_hasher
 from tvbasis.io.outputs import atomic_output, check_output_path
 from tvbasis.io.writer import SafetensorsStreamWriter, ShardedWriter, TensorSpec, shard_plan, tensor_bytes
 from tvbasis.progress import progress
@@ -153,6 +153,12 @@ def edit_model(
     ckpt = open_checkpoint(base)
     if not ignore_base_mismatch:
         check_base_layout(store, ckpt)
+        algorithm = store.manifest.get("content_hash_algorithm")
+        if algorithm != CONTENT_HASH:
+            raise TvbasisError(
+                f"{store.path}: its base hash is {algorithm or 'of an unknown kind'}, this tvbasis checks "
+                f"{CONTENT_HASH} (pass --ignore-base-mismatch to edit without the content check)"
+            )
     is_dir, plan = _output_plan(ckpt, out, max_shard_bytes)
     layout = {i.name: i for i in store.tensors}
     for name in layout:
@@ -163,7 +169,7 @@ def edit_model(
                 f"{ckpt.path}: tensor {name!r} has shape {list(ckpt.info(name).shape)}, "
                 f"the store's is {list(layout[name].shape)}"
             )
-    hasher = hashlib.sha256()
+    hasher = content_hasher()
     total = sum(i.numel for i in ckpt.infos())
     with atomic_output(out, overwrite=overwrite, directory=is_dir) as tmp:
         target_dir = tmp if is_dir else tmp.parent
@@ -188,7 +194,7 @@ def edit_model(
                     delta = store.combination_rows(chunk, coefficients).reshape(rows.shape)
                     writer.write(name, (rows.to(torch.float64) + delta).to(info.dtype))
                     bar.update(chunk.numel)
-        if not ignore_base_mismatch and hasher.hexdigest() != store.manifest["base"]["content_sha256"]:
+        if not ignore_base_mismatch and hasher.hexdigest() != store.manifest["base"]["content_hash"]:
             raise CheckpointError(
                 f"{ckpt.path}: base does not match the store: its weights differ from "
                 f"those the store was built on (pass --ignore-base-mismatch to override)"

@@ -23,7 +23,6 @@ pool for each costs more than it saves (far more when other processes hold the c
 
 from __future__ import annotations
 
-import hashlib
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 
 from tvbasis.errors import TvbasisError
+from tvbasis.io.hashing import content_hasher
 from tvbasis.io.writer import tensor_bytes
 from tvbasis.progress import progress
 from tvbasis.tasks.taskvectors import Chunk, TaskVectorSet, plan_chunks
@@ -61,8 +61,8 @@ class GramStats:
     """What one pass over the task vectors learns."""
 
     gram: np.ndarray  # (T, T) float64
-    base_sha256: str
-    task_sha256: list[str]
+    base_hash: str  # content hashes (``tvbasis.io.hashing``) of the base's and each task's tensors
+    task_hashes: list[str]
 
 
 @dataclass
@@ -81,13 +81,15 @@ def pass_chunk_elements(chunk_elements: int, n_tasks: int) -> int:
 
 
 class _Buffers:
-    """Memory a pass reuses for every chunk: raw bytes per checkpoint, float64 task-vector rows."""
+    """Memory a pass reuses for every chunk: raw bytes per checkpoint, task-vector rows."""
 
-    def __init__(self, tvs: TaskVectorSet, chunks: Sequence[Chunk], raw_sets: int = 1, x_sets: int = 1) -> None:
+    def __init__(
+        self, tvs: TaskVectorSet, chunks: Sequence[Chunk], x_sets: int = 1, x_dtype: torch.dtype = torch.float64
+    ) -> None:
         numel = max((c.numel for c in chunks), default=0)
         sizes = [max(ckpt.info(i.name).dtype.itemsize for i in tvs.tensors) for ckpt in [tvs.base, *tvs.checkpoints]]
-        self.raw = [[torch.empty(numel * size, dtype=torch.uint8) for size in sizes] for _ in range(raw_sets)]
-        self.x = [torch.empty(tvs.n_tasks * numel, dtype=torch.float64) for _ in range(x_sets)]
+        self.raw = [[torch.empty(numel * size, dtype=torch.uint8) for size in sizes]]
+        self.x = [torch.empty(tvs.n_tasks * numel, dtype=x_dtype) for _ in range(x_sets)]
 
 
 def _worker(name: str) -> ThreadPoolExecutor:
@@ -165,33 +167,33 @@ def gram_pass(
 ) -> GramStats:
     """Stream all task vectors once; return ``G`` and the inputs' content hashes.
 
-    A worker thread reads (and hashes) the chunks, in order, while this one converts them
-    and accumulates ``G``.
+    A worker thread reads, hashes and converts the chunks, in order, while this one
+    accumulates ``G`` (the two stages cost about the same).
     """
     T = tvs.n_tasks
     chunks = plan_chunks(tvs.tensors, pass_chunk_elements(chunk_elements, T))
     gram = np.zeros((T, T), dtype=np.float64)
-    hashers = [hashlib.sha256() for _ in range(T + 1)] if hash_inputs else None
-    buffers = _Buffers(tvs, chunks, raw_sets=2)
+    hashers = [content_hasher() for _ in range(T + 1)] if hash_inputs else None
+    buffers = _Buffers(tvs, chunks, x_sets=2)
 
-    def load(i: int) -> list[torch.Tensor]:
-        rows = tvs.read_rows(chunks[i], buffers.raw[i % 2])
+    def load(i: int) -> torch.Tensor:
+        rows = tvs.read_rows(chunks[i], buffers.raw[0])
         if hashers is not None:
             for hasher, r in zip(hashers, rows, strict=True):
                 hasher.update(tensor_bytes(r))
-        return rows
+        return tvs.task_rows(rows, buffers.x[i % 2])
 
     with (
         progress(tvs.dim * (T + 1), "Gram pass", unit="param") as bar,
         single_torch_thread(),
         _worker("read") as pool,
     ):
-        # Two raw slots: chunk i + 1 is read into one while chunk i is converted from the
-        # other; chunk i - 1, the slot's previous user, is already converted by then.
+        # Two row slots: chunk i + 1 is read into one while G takes chunk i from the other;
+        # chunk i - 1, the slot's previous user, is done by then.
         reader = _Prefetch(len(chunks), load, slots=2, pool=pool)
         try:
             for chunk in chunks:
-                X = tvs.task_rows(reader.get(), buffers.x[0])
+                X = reader.get()
                 Xt = X.T  # (T, numel), contiguous
                 update = (Xt @ Xt.T).numpy()
                 _check_finite(tvs, chunk, np.diagonal(update))
@@ -204,8 +206,8 @@ def gram_pass(
     gram = (gram + gram.T) / 2  # exact symmetry for the eigensolvers
     return GramStats(
         gram=gram,
-        base_sha256=hashers[0].hexdigest() if hashers else "",
-        task_sha256=[h.hexdigest() for h in hashers[1:]] if hashers else [],
+        base_hash=hashers[0].hexdigest() if hashers else "",
+        task_hashes=[h.hexdigest() for h in hashers[1:]] if hashers else [],
     )
 
 
@@ -228,21 +230,30 @@ _ATOM_SLOTS = 3
 
 
 def atom_pass(
-    tvs: TaskVectorSet, atoms: AtomFunction, sink: AtomSink, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
-) -> AtomStats:
-    """Stream all task vectors again, computing, storing and measuring the atoms chunk by chunk.
+    tvs: TaskVectorSet,
+    atoms: AtomFunction,
+    sink: AtomSink,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    measure: bool = True,
+) -> AtomStats | None:
+    """Stream all task vectors again, computing and storing the atoms chunk by chunk.
 
-    Three stages overlap, each taking the chunks in order: a worker thread reads and converts
-    the rows; this thread computes the atoms (``atoms``) and stores them (``sink``); another
-    worker accumulates ``S^T S`` and ``S^T V``.
+    Stages overlap, each taking the chunks in order: a worker thread reads and converts the
+    rows; this thread computes the atoms (``atoms``) and stores them (``sink``); with
+    ``measure``, another worker accumulates ``S^T S`` and ``S^T V`` of the atoms as stored.
+    Without it the rows are float32 (the atoms' own precision, and half the memory traffic)
+    and the pass returns None: the caller knows those statistics exactly already (linear
+    atoms ``S = V B`` stored in float32 have ``S^T S = B^T G B`` and ``S^T V = B^T G``).
     """
     T = tvs.n_tasks
     chunks = plan_chunks(tvs.tensors, pass_chunk_elements(chunk_elements, T))
-    buffers = _Buffers(tvs, chunks, raw_sets=1, x_sets=_ATOM_SLOTS)
+    slots = _ATOM_SLOTS if measure else 2
+    row_dtype = torch.float64 if measure else torch.float32
+    buffers = _Buffers(tvs, chunks, x_sets=slots, x_dtype=row_dtype)
     stats = _AtomStats()
 
     def load(i: int) -> torch.Tensor:
-        return tvs.task_rows(tvs.read_rows(chunks[i], buffers.raw[0]), buffers.x[i % _ATOM_SLOTS])
+        return tvs.task_rows(tvs.read_rows(chunks[i], buffers.raw[0]), buffers.x[i % slots])
 
     with (
         progress(tvs.dim * (T + 1), "Atom pass", unit="param") as bar,
@@ -250,15 +261,18 @@ def atom_pass(
         _worker("read") as pool,
         _worker("stats") as measurer,
     ):
-        reader = _Prefetch(len(chunks), load, slots=_ATOM_SLOTS, pool=pool)
+        reader = _Prefetch(len(chunks), load, slots=slots, pool=pool)
         try:
             for i, chunk in enumerate(chunks):
                 X = reader.get()
                 stored = sink(chunk, atoms(chunk, X))
-                reader.release_when(i, measurer.submit(stats.add, stored, X))
+                if measure:
+                    reader.release_when(i, measurer.submit(stats.add, stored, X))
                 bar.update(chunk.numel * (T + 1))
             reader.wait_released()
         finally:
             reader.cancel()
+    if not measure:
+        return None
     assert stats.ss is not None and stats.sv is not None
     return AtomStats(atom_gram=(stats.ss + stats.ss.T) / 2, atom_cross=stats.sv)

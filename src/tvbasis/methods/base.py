@@ -78,7 +78,20 @@ class BasisMethod(ABC):
         if self.encoder_ is None or X is None:
             raise RuntimeError(f"{self.name}: atoms need the fitted encoder and the task vectors")
         # (B^T X^T)^T: contiguous atom columns, and 2-4x faster than X @ B for a tall, column-major X
-        return (torch.from_numpy(np.ascontiguousarray(self.encoder_.T)) @ X.T).T
+        encoder_t = torch.from_numpy(np.ascontiguousarray(self.encoder_.T)).to(X.dtype)
+        return (encoder_t @ X.T).T
+
+    def atom_stats(self, gram: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """``S^T S`` and ``S^T V`` of the atoms in exact arithmetic, from ``G`` alone, or None
+        when only the atoms themselves can tell (atoms that are not linear in ``V``).
+
+        Linear atoms ``S = V B`` have ``S^T S = B^T G B`` and ``S^T V = B^T G``.
+        """
+        if self.encoder_ is None:
+            return None
+        B = self.encoder_
+        atom_gram = B.T @ gram @ B
+        return (atom_gram + atom_gram.T) / 2, B.T @ gram
 
     # -- persistence ------------------------------------------------------------------
     def state_arrays(self) -> dict[str, np.ndarray]:

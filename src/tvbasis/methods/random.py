@@ -74,7 +74,7 @@ class RandomBasis(BasisMethod):
     def atom_rows(self, chunk: Chunk, X: torch.Tensor | None = None) -> torch.Tensor:
         return self.directions(chunk) @ torch.from_numpy(self.orthonormalizer_)
 
-    def atom_stats(self) -> tuple[np.ndarray, np.ndarray]:
+    def atom_stats(self, gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``S^T S`` and ``S^T V`` of the regenerated atoms: the identity and the decoder."""
         return np.eye(self.n_atoms), self.decoder_
 

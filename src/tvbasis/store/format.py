@@ -156,7 +156,7 @@ class Store:
             "has_mean": m["has_mean"],
             "atom_dtype": m["atoms"]["dtype"],
             "tasks": [
-                {k: t[k] for k in ("name", "rel_error", "cosine", "norm", "source", "sha256")} for t in m["tasks"]
+                {k: t[k] for k in ("name", "rel_error", "cosine", "norm", "source", "content_hash")} for t in m["tasks"]
             ],
             "dim": m["dim"],
             "bytes": m["bytes"],

@@ -181,11 +181,12 @@ class TaskVectorSet:
         return rows
 
     def task_rows(self, rows: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
-        """The ``(numel, T)`` float64 task-vector rows (each task minus the base) of ``read_rows``' output.
+        """The ``(numel, T)`` task-vector rows (each task minus the base) of ``read_rows``' output.
 
-        The differences are taken in float64. ``out`` (a 1-D float64 tensor of at least
-        ``T * numel`` entries) is memory to fill; the result is then a view of it. The
-        ``(numel, T)`` matrix is the transpose of a contiguous ``(T, numel)`` one.
+        ``out`` (a 1-D float64 or float32 tensor of at least ``T * numel`` entries) is memory
+        to fill, and its dtype is the result's; the result is then a view of it. Without
+        ``out`` the rows are float64. Differences are taken in the result's dtype (exact in
+        float64). The ``(numel, T)`` matrix is the transpose of a contiguous ``(T, numel)`` one.
         """
         base, tasks = rows[0], rows[1:]
         n = base.numel()
@@ -194,16 +195,21 @@ class TaskVectorSet:
         else:
             X = out[: self.n_tasks * n].view(self.n_tasks, n)
         if all(r.dtype in _NUMPY_FLOATS for r in rows):
-            # Cast, then subtract in place: the exact float64 differences, several times faster
-            # than one mixed-dtype subtract; numpy's loops run on the calling thread only.
+            # numpy's loops run on the calling thread only (the passes call this on a worker).
             Xn = X.numpy()
-            for t, r in enumerate(tasks):
-                Xn[t] = r.detach().numpy()
-            np.subtract(Xn, base.detach().numpy().astype(np.float64, copy=False), out=Xn)
+            b = base.detach().numpy()
+            if all(r.dtype == X.dtype for r in rows):
+                for t, r in enumerate(tasks):
+                    np.subtract(r.detach().numpy(), b, out=Xn[t])
+            else:
+                # Cast, then subtract in place: several times faster than one mixed-dtype subtract.
+                for t, r in enumerate(tasks):
+                    Xn[t] = r.detach().numpy()
+                np.subtract(Xn, b.astype(Xn.dtype, copy=False), out=Xn)
         else:  # bfloat16 has no numpy dtype
-            base64 = base.to(torch.float64)
+            b = base.to(X.dtype)
             for t, r in enumerate(tasks):
-                torch.sub(r.to(torch.float64), base64, out=X[t])
+                torch.sub(r.to(X.dtype), b, out=X[t])
         return X.T
 
 
