@@ -6,17 +6,20 @@ only those rows of the base, the T task vectors and the atoms at a time:
 - the Gram pass accumulates ``G = V^T V`` in float64 (``G += X^T X`` per chunk ``X``),
   checks every value is finite, hashes the inputs' bytes and lets the basis method observe
   each chunk (the random basis gathers ``R^T R`` and ``R^T V`` there, TIES its histograms);
-- the atom pass computes each chunk's atoms from its task-vector rows, hands them to a
-  writer, and accumulates ``S^T S`` and ``S^T V`` of the atoms *as stored* (after the cast
-  to the store dtype), so reported errors are the errors of what is on disk.
+- the atom pass computes each chunk's atoms from its task-vector rows and hands them to a
+  writer. Where the atoms' inner products are not known exactly from ``G`` (atoms stored in
+  fp16/bf16, or not linear in ``V``), it also accumulates ``S^T S`` and ``S^T V`` of the
+  atoms *as stored* (after the cast to the store dtype), so reported errors are the errors
+  of what is on disk.
 
 Because every statistic is a sum over rows, results do not depend on the chunk size
 (beyond floating-point summation order).
 
 Memory and speed: a pass reuses the same buffers for every chunk (fresh large allocations
 cost page faults on every chunk), caps a chunk at about ``WORKING_SET_ENTRIES / T`` entries
-per task so the memory it holds does not grow with T, and overlaps its stages on threads (hashing
-beside the Gram products; reading, storing and measuring in the atom pass). Products run
+per task so the memory it holds does not grow with T, and overlaps its stages on threads
+(reading, hashing and converting beside the Gram products; reading, computing and storing
+or measuring in the atom pass). Products run
 in torch on one thread each: per-chunk products and copies are small, and waking a thread
 pool for each costs more than it saves (far more when other processes hold the cores).
 """
@@ -168,7 +171,7 @@ def gram_pass(
     """Stream all task vectors once; return ``G`` and the inputs' content hashes.
 
     A worker thread reads, hashes and converts the chunks, in order, while this one
-    accumulates ``G`` (the two stages cost about the same).
+    accumulates ``G``.
     """
     T = tvs.n_tasks
     chunks = plan_chunks(tvs.tensors, pass_chunk_elements(chunk_elements, T))
@@ -225,7 +228,7 @@ class _AtomStats:
         self.sv = s_v if self.sv is None else self.sv + s_v
 
 
-#: Task-vector row buffers in the atom pass: one being read, one being stored, one being measured.
+#: Task-vector row buffers in the atom pass: one being read, one in use here, one in the finishing stage.
 _ATOM_SLOTS = 3
 
 
@@ -238,36 +241,41 @@ def atom_pass(
 ) -> AtomStats | None:
     """Stream all task vectors again, computing and storing the atoms chunk by chunk.
 
-    Stages overlap, each taking the chunks in order: a worker thread reads and converts the
-    rows; this thread computes the atoms (``atoms``) and stores them (``sink``); with
-    ``measure``, another worker accumulates ``S^T S`` and ``S^T V`` of the atoms as stored.
-    Without it the rows are float32 (the atoms' own precision, and half the memory traffic)
-    and the pass returns None: the caller knows those statistics exactly already (linear
-    atoms ``S = V B`` stored in float32 have ``S^T S = B^T G B`` and ``S^T V = B^T G``).
+    Three stages overlap, each taking the chunks in order: a worker thread reads and
+    converts the rows; this thread computes the atoms (``atoms``); another worker either
+    stores them (``sink``) or, with ``measure``, accumulates ``S^T S`` and ``S^T V`` of the
+    atoms as stored (``sink`` then runs here). Without ``measure`` the rows are float32 (the
+    atoms' own precision, and half the memory traffic) and the pass returns None: the
+    caller knows those statistics exactly already (linear atoms ``S = V B`` stored in
+    float32 have ``S^T S = B^T G B`` and ``S^T V = B^T G``).
     """
     T = tvs.n_tasks
     chunks = plan_chunks(tvs.tensors, pass_chunk_elements(chunk_elements, T))
-    slots = _ATOM_SLOTS if measure else 2
     row_dtype = torch.float64 if measure else torch.float32
-    buffers = _Buffers(tvs, chunks, x_sets=slots, x_dtype=row_dtype)
+    buffers = _Buffers(tvs, chunks, x_sets=_ATOM_SLOTS, x_dtype=row_dtype)
     stats = _AtomStats()
 
     def load(i: int) -> torch.Tensor:
-        return tvs.task_rows(tvs.read_rows(chunks[i], buffers.raw[0]), buffers.x[i % slots])
+        return tvs.task_rows(tvs.read_rows(chunks[i], buffers.raw[0]), buffers.x[i % _ATOM_SLOTS])
 
     with (
         progress(tvs.dim * (T + 1), "Atom pass", unit="param") as bar,
         single_torch_thread(),
         _worker("read") as pool,
-        _worker("stats") as measurer,
+        _worker("store" if not measure else "stats") as finisher,
     ):
-        reader = _Prefetch(len(chunks), load, slots=slots, pool=pool)
+        reader = _Prefetch(len(chunks), load, slots=_ATOM_SLOTS, pool=pool)
         try:
             for i, chunk in enumerate(chunks):
                 X = reader.get()
-                stored = sink(chunk, atoms(chunk, X))
+                S = atoms(chunk, X)
                 if measure:
-                    reader.release_when(i, measurer.submit(stats.add, stored, X))
+                    job = finisher.submit(stats.add, sink(chunk, S), X)
+                else:
+                    job = finisher.submit(sink, chunk, S)
+                # The rows' slot is refilled only after the job (which may read X or a view of
+                # it) is done; this also keeps the finisher at most a few chunks behind.
+                reader.release_when(i, job)
                 bar.update(chunk.numel * (T + 1))
             reader.wait_released()
         finally:
