@@ -83,11 +83,13 @@ class NegationResult:
     target_val: float | None
     control_val: float | None
     reason: str
-    curve: dict[float, tuple[float, float]] = field(default_factory=dict)  # lambda -> (target, control)
+    # lambda -> (target, control); control is None where it was not needed (see search_negation)
+    curve: dict[float, tuple[float, float | None]] = field(default_factory=dict)
 
 
 def search_negation(
-    val_accuracy: Callable[[float], tuple[float, float]],
+    target_accuracy: Callable[[float], float],
+    control_accuracy: Callable[[float], float],
     control_zero_shot: float,
     threshold: float = 0.95,
     grid: Sequence[float] = LAMBDA_GRID,
@@ -95,30 +97,41 @@ def search_negation(
 ) -> NegationResult:
     """Lambda minimising the target's validation accuracy while control >= threshold * its zero-shot.
 
-    ``val_accuracy(lam)`` returns (target accuracy, control accuracy) of the negated model.
+    ``target_accuracy(lam)`` and ``control_accuracy(lam)`` are the negated model's validation
+    accuracies. The control is evaluated lazily: candidates are visited from the lowest
+    target accuracy up (ties: the smaller lambda) and the first whose control passes is the
+    answer, exactly the constrained minimum, without evaluating the control of candidates
+    that could not win.
     """
-    curve: dict[float, tuple[float, float]] = {}
     floor = threshold * control_zero_shot
+    targets: dict[float, float] = {}
+    controls: dict[float, float] = {}
 
-    def score(lam: float) -> float:
-        if lam not in curve:
-            curve[lam] = val_accuracy(lam)
-        target, control = curve[lam]
-        return -target if control >= floor else -np.inf
+    def best_admissible(candidates: Sequence[float]) -> float | None:
+        for lam in candidates:
+            if lam not in targets:
+                targets[lam] = target_accuracy(lam)
+        for lam in sorted(targets, key=lambda x: (targets[x], x)):
+            if lam not in controls:
+                controls[lam] = control_accuracy(lam)
+            if controls[lam] >= floor:
+                return lam
+        return None
 
-    cache: dict[float, float] = {}
-    lam = _search(score, grid, search, cache)
-    if not np.isfinite(cache[lam]):
+    lam = best_admissible(_candidates(grid, search, None))
+    if search == "coarse-to-fine" and lam is not None:
+        lam = best_admissible(_candidates(grid, search, lam))
+    curve = {x: (targets[x], controls.get(x)) for x in sorted(targets)}
+    if lam is None:
         return NegationResult(
             None,
             None,
             None,
             f"no lambda on the grid keeps the control at >= {threshold:.0%} of its zero-shot "
             f"accuracy ({control_zero_shot:.3f})",
-            dict(sorted(curve.items())),
+            curve,
         )
-    target, control = curve[lam]
-    return NegationResult(lam, target, control, "ok", dict(sorted(curve.items())))
+    return NegationResult(lam, targets[lam], controls[lam], "ok", curve)
 
 
 def gain_retained(

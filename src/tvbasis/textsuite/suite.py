@@ -221,6 +221,8 @@ def run_suite(config: SuiteConfig, log: Log = print) -> dict[str, Any]:
         delta = edit.delta(ones)
 
         def val_acc(lam: float, delta: dict[str, torch.Tensor] = delta) -> dict[str, float]:
+            if lam == 0:
+                return zs["val"]  # the base itself
             ev.set_task_vector(delta, lam)
             return accuracies("val")
 
@@ -254,13 +256,23 @@ def run_suite(config: SuiteConfig, log: Log = print) -> dict[str, Any]:
         for edit in neg_edits:
             delta = edit.delta(weights)
 
-            def val_pair(
-                lam: float, delta: dict[str, torch.Tensor] = delta, target: str = target, control: str = control
-            ) -> tuple[float, float]:
-                ev.set_task_vector(delta, lam)
-                return ev.accuracy(target, "val", config.val_limit), ev.accuracy(control, "val", config.val_limit)
+            applied: list[float] = []  # the lambda the evaluator's weights are at, if any
 
-            res = search_negation(val_pair, zs["val"][control], config.control_threshold, search=config.search)
+            def val_at(lam: float, task: str, delta: dict[str, torch.Tensor] = delta, applied=applied) -> float:
+                if lam == 0:
+                    return zs["val"][task]  # the base itself
+                if applied != [lam]:
+                    ev.set_task_vector(delta, lam)
+                    applied[:] = [lam]
+                return ev.accuracy(task, "val", config.val_limit)
+
+            res = search_negation(
+                lambda lam, t=target: val_at(lam, t),
+                lambda lam, c=control: val_at(lam, c),
+                zs["val"][control],
+                config.control_threshold,
+                search=config.search,
+            )
             row: dict[str, Any] = {
                 "control": control,
                 "method": edit.method,
