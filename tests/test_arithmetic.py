@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
-from common import flat, read_flat, write_family
+from common import flat, read_flat, tree_digest, write_family
 from tvbasis.arithmetic import (
     atoms_sum_coefficients,
     edit_model,
@@ -102,19 +103,80 @@ def test_atoms_mode_is_the_unit_sum_of_atoms(family, tmp_path: Path) -> None:
     assert c.tolist() == [1.0, 1.0, 0.0]
 
 
-@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "int8"])
 def test_low_precision_atoms_report_their_real_error(family, tmp_path: Path, dtype: str) -> None:
     store = build_store(family.base, family.tasks, make_method("pca", 4), tmp_path / "s", exclude=EXCLUDE, dtype=dtype)
-    fp32_bytes = build_store(
-        family.base, family.tasks, make_method("pca", 4), tmp_path / "s32", exclude=EXCLUDE
-    ).manifest["bytes"]["atoms"]
-    assert store.manifest["bytes"]["atoms"] < 0.7 * fp32_bytes  # half the data; headers are a fixed cost
+    fp32 = build_store(family.base, family.tasks, make_method("pca", 4), tmp_path / "s32", exclude=EXCLUDE)
+    fp32_bytes = fp32.manifest["bytes"]["atoms"]
+    # half (a quarter for int8) of the data; headers, scales and 1-D tensors are a fixed cost
+    assert store.manifest["bytes"]["atoms"] < 0.7 * fp32_bytes
     for t, name in enumerate(store.task_names):
         r = read_flat(reconstruct_task(store, name, tmp_path / f"{name}.safetensors"), family.names)
         tau = flat(family.deltas[t], family.names)
         rel = np.linalg.norm(tau - r) / np.linalg.norm(tau)
+        task = store.manifest["tasks"][t]
         assert rel > 0  # quantisation error is real, and reported
-        assert store.manifest["tasks"][t]["rel_error"] == pytest.approx(rel, rel=0.05, abs=1e-6)
+        assert task["rel_error"] == pytest.approx(rel, rel=0.05, abs=1e-6)
+        # ... beside the error the same atoms have unrounded: the fp32 store's
+        assert task["rel_error_unrounded"] == pytest.approx(fp32.manifest["tasks"][t]["rel_error"], rel=1e-6)
+        assert task["rel_error"] >= task["rel_error_unrounded"] - 1e-6
+    assert "rel_error_unrounded" not in fp32.manifest["tasks"][0]
+
+
+def test_int8_atoms_are_per_row_codes_with_scales(family, tmp_path: Path) -> None:
+    def ae():
+        return make_method("autoencoder", 2, steps=50)
+
+    fp32 = build_store(family.base, family.tasks, ae(), tmp_path / "f", exclude=EXCLUDE)
+    stores = [
+        build_store(
+            family.base,
+            family.tasks,
+            ae(),
+            tmp_path / f"q{c}",
+            exclude=EXCLUDE,
+            dtype="int8",
+            chunk_elements=c,
+        )
+        for c in (7, 1 << 20)
+    ]
+    # rows are whole in every chunk, so the codes and scales do not depend on the chunk size
+    assert tree_digest(stores[0].path / "atoms") == tree_digest(stores[1].path / "atoms")
+    q = stores[0]
+    vec = q.manifest["atoms"]["vectors"][0]["files"][0]
+    with (
+        safe_open(str(q.path / vec), "pt") as f,
+        safe_open(str(fp32.path / fp32.manifest["atoms"]["vectors"][0]["files"][0]), "pt") as g,
+    ):
+        for name in family.names:
+            exact = g.get_tensor(name).double()
+            if exact.dim() >= 2:
+                codes, scale = f.get_tensor(name), f.get_tensor(name + ".qscale")
+                assert codes.dtype == torch.int8 and scale.shape == exact.shape[:1]
+                assert codes.abs().amax(dim=1).tolist() == [127] * exact.shape[0]  # each row uses the full range
+                err = (codes.double() * scale.double()[:, None] - exact.reshape(exact.shape[0], -1)).abs()
+                assert (err <= scale.double()[:, None] / 2 + 1e-7).all()
+            else:
+                assert f.get_tensor(name).dtype == torch.float32
+                torch.testing.assert_close(f.get_tensor(name).double(), exact)
+
+
+def test_int8_store_edits_with_dequantized_atoms(family, tmp_path: Path) -> None:
+    store = build_store(family.base, family.tasks, make_method("pca", 3), tmp_path / "s", exclude=EXCLUDE, dtype="int8")
+    coef = task_coefficients(store.decoder, task_weights(store.task_names, negate=["task1"]))
+    out = edit_model(family.base, store, coef, tmp_path / "e.safetensors")
+    atoms = []
+    for v in store.manifest["atoms"]["vectors"]:
+        with safe_open(str(store.path / v["files"][0]), "pt") as f:
+            parts = []
+            for name in family.names:
+                t = f.get_tensor(name).double()
+                if t.dim() >= 2:
+                    t = t * f.get_tensor(name + ".qscale").double().reshape(-1, *[1] * (t.dim() - 1))
+                parts.append(t.reshape(-1).numpy())
+            atoms.append(np.concatenate(parts))
+    expected = flat(family.base_state, family.names) + np.stack(atoms, axis=1) @ coef
+    np.testing.assert_allclose(read_flat(out, family.names), expected, atol=1e-5)
 
 
 def test_store_round_trip_reconstructs_identically(family, tmp_path: Path) -> None:
@@ -130,3 +192,16 @@ def test_store_round_trip_reconstructs_identically(family, tmp_path: Path) -> No
     a = reconstruct_task(store, "task3", tmp_path / "a.safetensors")
     b = reconstruct_task(again, "task3", tmp_path / "b.safetensors")
     assert a.read_bytes()[8:] != b"" and read_flat(a, family.names).tolist() == read_flat(b, family.names).tolist()
+
+
+def test_rounded_ties_atoms_report_the_unrounded_error_too(family, tmp_path: Path) -> None:
+    """TIES atoms are not linear in V, so the build measures them both before and after rounding."""
+
+    def ties():
+        return make_method("cluster", 2, merge="ties")
+
+    fp32 = build_store(family.base, family.tasks, ties(), tmp_path / "f", exclude=EXCLUDE)
+    q = build_store(family.base, family.tasks, ties(), tmp_path / "q", exclude=EXCLUDE, dtype="int8")
+    for a, b in zip(q.manifest["tasks"], fp32.manifest["tasks"], strict=True):
+        assert a["rel_error_unrounded"] == pytest.approx(b["rel_error"], rel=1e-5)
+        assert a["rel_error"] != b["rel_error"]

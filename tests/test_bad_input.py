@@ -672,6 +672,15 @@ def edit_base_with_other_weights(env: Env) -> Case:
 
 
 @case
+def edit_int8_store_with_a_base_of_other_weights(env: Env) -> Case:
+    store = env.root / "int8-store"
+    if not store.exists():
+        build_store(env.fam.base, env.fam.tasks, make_method("pca", 2), store, exclude=EXCLUDE, dtype="int8")
+    other = env.base_with("other8.safetensors", lambda s: s["layer.0.attn.weight"].__setitem__((0, 1), 5.0))
+    return env.edit([other, "does not match", "--ignore-base-mismatch"], base=other, store=store)
+
+
+@case
 def edit_base_with_another_shape(env: Env) -> Case:
     other = env.base_with("wide.safetensors", lambda s: s.update({"embed.weight": torch.zeros(37, 9)}))
     return env.edit([other, "'embed.weight'", "[37, 9]"], base=other)

@@ -20,13 +20,13 @@ from tvbasis.io.hashing import CONTENT_HASH
 from tvbasis.io.outputs import atomic_output, check_output_path
 from tvbasis.io.writer import ShardedWriter, TensorSpec, shard_plan
 from tvbasis.methods import BasisMethod
+from tvbasis.methods.base import least_squares_decoder
 from tvbasis.store.format import (
     ATOMS_DIR,
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST,
     MATRICES,
-    STORE_DTYPES,
     Store,
     file_sizes,
     open_store,
@@ -34,6 +34,14 @@ from tvbasis.store.format import (
     vector_names,
 )
 from tvbasis.store.metrics import reconstruction_metrics
+from tvbasis.store.quantize import (
+    check_store_dtype,
+    dequantize_rows,
+    is_quantized,
+    quantize_rows,
+    scale_name,
+    value_dtype,
+)
 from tvbasis.tasks.taskvectors import Chunk, TaskSource, TaskVectorSet
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
@@ -87,32 +95,48 @@ def build_store(
     until the store is complete.
     """
     out = Path(out)
-    if dtype not in STORE_DTYPES:
-        raise TvbasisError(f"--dtype {dtype!r}: choose one of {', '.join(STORE_DTYPES)}")
+    check_store_dtype(dtype)
     check_output_path(out, overwrite)
     tvs = TaskVectorSet(base, tasks, include, exclude)
     method.check_n_tasks(tvs.n_tasks)
+    _check_scale_names(tvs, dtype)
 
     stats = gram_pass(tvs, chunk_elements, observe=method.observe if method.observes else None)
     method.fit(stats.gram)
 
-    store_dtype = STORE_DTYPES[dtype]
-    # Linear atoms have exact statistics from G; measuring the stored atoms adds only what
-    # rounding to the store dtype changes, which matters for fp16/bf16, not for fp32.
+    # Linear atoms have exact statistics from G. Rounding to fp32 changes them negligibly;
+    # rounding to fp16/bf16/int8 does not, so those stores measure the atoms as stored, and
+    # report beside it the error the same atoms would have unrounded.
     exact_stats = method.atom_stats(stats.gram)
+    rounded = dtype != "fp32"
+    unrounded_metrics = None
     with atomic_output(out, overwrite=overwrite) as tmp:
         names = vector_names(method.n_atoms, method.has_mean_)
         vectors: list[dict[str, Any]] = []
         if method.stores_atoms:
-            measure = exact_stats is None or store_dtype != torch.float32
             measured = _write_atoms(
-                tvs, method, tmp, names, store_dtype, chunk_elements, max_shard_bytes, vectors, measure
+                tvs,
+                method,
+                tmp,
+                names,
+                dtype,
+                chunk_elements,
+                max_shard_bytes,
+                vectors,
+                measure=exact_stats is None or rounded,
+                measure_unrounded=rounded and exact_stats is None,
             )
             if measured is not None:
                 atom_gram, atom_cross = measured.atom_gram, measured.atom_cross
             else:
                 assert exact_stats is not None
                 atom_gram, atom_cross = exact_stats
+            if rounded:
+                unrounded = exact_stats if exact_stats is not None else measured.unrounded  # type: ignore[union-attr]
+                assert unrounded is not None
+                decoder = least_squares_decoder(*unrounded) if method.decoder_from_atoms else method.decoder_
+                assert decoder is not None
+                unrounded_metrics = reconstruction_metrics(stats.gram, *unrounded, decoder)
             if method.decoder_from_atoms:
                 method.fit_decoder(atom_gram, atom_cross)
         else:
@@ -126,8 +150,21 @@ def build_store(
         save_matrices(tmp / MATRICES, arrays)
 
         manifest = _manifest(tvs, method, stats.base_hash, stats.task_hashes, metrics, dtype, vectors)
+        if unrounded_metrics is not None:
+            for t, task in enumerate(manifest["tasks"]):
+                task["rel_error_unrounded"] = float(unrounded_metrics["rel_error"][t])
         _finalise(tmp, manifest, tvs)
     return open_store(out)
+
+
+def _check_scale_names(tvs: TaskVectorSet, dtype: str) -> None:
+    names = {i.name for i in tvs.tensors}
+    for info in tvs.tensors:
+        if is_quantized(dtype, info.shape) and scale_name(info.name) in names:
+            raise TvbasisError(
+                f"tensor {scale_name(info.name)!r} of {tvs.base.path} clashes with the int8 scales of "
+                f"{info.name!r}; exclude one of them or choose another --dtype"
+            )
 
 
 def _finalise(tmp: Path, manifest: dict[str, Any], tvs: TaskVectorSet) -> None:
@@ -158,32 +195,53 @@ def _write_atoms(
     method: BasisMethod,
     tmp: Path,
     names: list[str],
-    store_dtype: torch.dtype,
+    dtype: str,
     chunk_elements: int,
     max_shard_bytes: int,
     vectors: list[dict[str, Any]],
     measure: bool,
+    measure_unrounded: bool = False,
 ) -> AtomStats | None:
-    """Write the atoms; with ``measure``, also return the inner products of the atoms as stored."""
+    """Write the atoms; with ``measure``, also return the inner products of the atoms as stored
+    (and with ``measure_unrounded``, of the atoms before rounding to the store dtype)."""
     (tmp / ATOMS_DIR).mkdir()
-    specs = [TensorSpec(i.name, i.shape, store_dtype) for i in tvs.tensors]
+    specs: list[TensorSpec] = []
+    for i in tvs.tensors:
+        specs.append(TensorSpec(i.name, i.shape, value_dtype(dtype, i.shape)))
+        if is_quantized(dtype, i.shape):
+            specs.append(TensorSpec(scale_name(i.name), i.shape[:1], torch.float32))
     shapes = {i.name: i.shape for i in tvs.tensors}
     writers: list[ShardedWriter] = []
     for name in names:
         plan = shard_plan(specs, max_shard_bytes, stem=name)
         writers.append(ShardedWriter(tmp / ATOMS_DIR, plan, metadata={"tvbasis_vector": name}))
         vectors.append({"name": name, "files": [f"{ATOMS_DIR}/{f}" for f, _ in plan]})
+    scales: list[list[torch.Tensor]] = [[] for _ in names]  # int8 scales of the tensor being written
 
     def sink(chunk: Chunk, S: torch.Tensor) -> torch.Tensor:
         shape = shapes[chunk.tensor]
-        row_shape = (chunk.stop - chunk.start, *shape[1:]) if shape else ()
-        stored = S.to(store_dtype)  # S is (numel, K) column-major: each atom's rows are contiguous
+        n_rows = chunk.stop - chunk.start
+        row_shape = (n_rows, *shape[1:]) if shape else ()
+        if not is_quantized(dtype, shape):
+            stored = S.to(value_dtype(dtype, shape))  # S is (numel, K) column-major: atoms' rows contiguous
+            for k, w in enumerate(writers):
+                w.write(chunk.tensor, stored[:, k].reshape(row_shape))
+            return stored
+        values = []
         for k, w in enumerate(writers):
-            w.write(chunk.tensor, stored[:, k].reshape(row_shape))
-        return stored
+            q, scale = quantize_rows(S[:, k].reshape(n_rows, -1))
+            w.write(chunk.tensor, q.reshape(row_shape))
+            scales[k].append(scale)
+            if chunk.stop == shape[0]:  # the tensor's last rows: its scales follow it in the file
+                w.write(scale_name(chunk.tensor), torch.cat(scales[k]))
+                scales[k].clear()
+            values.append(dequantize_rows(q, scale).reshape(-1))
+        return torch.stack(values, dim=1)
 
     try:
-        stats = atom_pass(tvs, method.atom_rows, sink, chunk_elements, measure=measure)
+        stats = atom_pass(
+            tvs, method.atom_rows, sink, chunk_elements, measure=measure, measure_unrounded=measure_unrounded
+        )
     except BaseException:
         for w in writers:
             w.abort()

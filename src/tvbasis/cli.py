@@ -83,7 +83,7 @@ def build(
     exclude: Annotated[
         list[str] | None, typer.Option(help="Leave out tensors matching this glob (e.g. heads).")
     ] = None,
-    dtype: Annotated[str | None, typer.Option(help="Atom dtype: fp32, fp16 or bf16.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="Atom dtype: fp32, fp16, bf16 or int8 (per-row scales).")] = None,
     recipe: Annotated[Path | None, typer.Option(help="YAML recipe with base, tasks, method, M, settings.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of every random choice the method makes.")] = None,
     steps: Annotated[int | None, typer.Option(help="[autoencoder] Adam steps (6000).")] = None,
@@ -203,9 +203,12 @@ def _print_info(s: dict[str, Any]) -> None:
             "fit: " + ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in s["fit"].items()),
             highlight=False,
         )
-    table = Table("task", "relative error", "cosine", "norm")
+    rounded = any("rel_error_unrounded" in t for t in s["tasks"])
+    columns = ["task", "relative error", *([f"of which {s['atom_dtype']} adds"] if rounded else []), "cosine", "norm"]
+    table = Table(*columns)
     for t in s["tasks"]:
-        table.add_row(t["name"], f"{t['rel_error']:.4f}", f"{t['cosine']:.4f}", f"{t['norm']:.4g}")
+        extra = [f"{t['rel_error'] - t['rel_error_unrounded']:+.2e}"] if rounded else []
+        table.add_row(t["name"], f"{t['rel_error']:.4f}", *extra, f"{t['cosine']:.4f}", f"{t['norm']:.4g}")
     out.print(table)
     out.print(
         f"stored {b['total']:,} bytes (atoms {b['atoms']:,}, matrices {b['matrices']:,}, other "

@@ -70,10 +70,12 @@ class GramStats:
 
 @dataclass
 class AtomStats:
-    """Inner products of the atoms as stored: ``S^T S`` (K, K) and ``S^T V`` (K, T)."""
+    """Inner products of the atoms as stored: ``S^T S`` (K, K) and ``S^T V`` (K, T); optionally
+    also of the atoms before rounding to the store dtype (``unrounded``: the same pair)."""
 
     atom_gram: np.ndarray
     atom_cross: np.ndarray
+    unrounded: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def pass_chunk_elements(chunk_elements: int, n_tasks: int) -> int:
@@ -221,11 +223,15 @@ class _AtomStats:
         self.ss: np.ndarray | None = None
         self.sv: np.ndarray | None = None
 
-    def add(self, stored: torch.Tensor, X: torch.Tensor) -> None:
-        S = stored.to(torch.float64)
+    def add(self, S: torch.Tensor, X: torch.Tensor) -> None:
+        S = S.to(torch.float64)
         s_s, s_v = (S.T @ S).numpy(), (S.T @ X).numpy()
         self.ss = s_s if self.ss is None else self.ss + s_s
         self.sv = s_v if self.sv is None else self.sv + s_v
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        assert self.ss is not None and self.sv is not None
+        return (self.ss + self.ss.T) / 2, self.sv
 
 
 #: Task-vector row buffers in the atom pass: one being read, one in use here, one in the finishing stage.
@@ -238,6 +244,7 @@ def atom_pass(
     sink: AtomSink,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     measure: bool = True,
+    measure_unrounded: bool = False,
 ) -> AtomStats | None:
     """Stream all task vectors again, computing and storing the atoms chunk by chunk.
 
@@ -247,13 +254,19 @@ def atom_pass(
     atoms as stored (``sink`` then runs here). Without ``measure`` the rows are float32 (the
     atoms' own precision, and half the memory traffic) and the pass returns None: the
     caller knows those statistics exactly already (linear atoms ``S = V B`` stored in
-    float32 have ``S^T S = B^T G B`` and ``S^T V = B^T G``).
+    float32 have ``S^T S = B^T G B`` and ``S^T V = B^T G``). ``measure_unrounded`` also
+    accumulates them for the atoms as computed, before ``sink`` rounds them.
     """
     T = tvs.n_tasks
     chunks = plan_chunks(tvs.tensors, pass_chunk_elements(chunk_elements, T))
     row_dtype = torch.float64 if measure else torch.float32
     buffers = _Buffers(tvs, chunks, x_sets=_ATOM_SLOTS, x_dtype=row_dtype)
-    stats = _AtomStats()
+    stats, unrounded = _AtomStats(), _AtomStats()
+
+    def measure_chunk(stored: torch.Tensor, S: torch.Tensor, X: torch.Tensor) -> None:
+        stats.add(stored, X)
+        if measure_unrounded:
+            unrounded.add(S, X)
 
     def load(i: int) -> torch.Tensor:
         return tvs.task_rows(tvs.read_rows(chunks[i], buffers.raw[0]), buffers.x[i % _ATOM_SLOTS])
@@ -270,7 +283,7 @@ def atom_pass(
                 X = reader.get()
                 S = atoms(chunk, X)
                 if measure:
-                    job = finisher.submit(stats.add, sink(chunk, S), X)
+                    job = finisher.submit(measure_chunk, sink(chunk, S), S, X)
                 else:
                     job = finisher.submit(sink, chunk, S)
                 # The rows' slot is refilled only after the job (which may read X or a view of
@@ -282,5 +295,5 @@ def atom_pass(
             reader.cancel()
     if not measure:
         return None
-    assert stats.ss is not None and stats.sv is not None
-    return AtomStats(atom_gram=(stats.ss + stats.ss.T) / 2, atom_cross=stats.sv)
+    atom_gram, atom_cross = stats.result()
+    return AtomStats(atom_gram, atom_cross, unrounded.result() if measure_unrounded else None)

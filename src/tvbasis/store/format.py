@@ -32,6 +32,7 @@ from safetensors.numpy import save_file as save_numpy
 from tvbasis.errors import StoreError
 from tvbasis.io.checkpoint import Checkpoint, TensorInfo, _safetensors_infos
 from tvbasis.methods import METHODS, BasisMethod
+from tvbasis.store.quantize import dequantize_rows, is_quantized, scale_name
 from tvbasis.tasks.taskvectors import Chunk
 
 FORMAT_NAME = "tvbasis-store"
@@ -39,8 +40,6 @@ FORMAT_VERSION = 1
 MANIFEST = "tvbasis.json"
 MATRICES = "matrices.safetensors"
 ATOMS_DIR = "atoms"
-
-STORE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def vector_names(n_atoms: int, has_mean: bool) -> list[str]:
@@ -131,10 +130,15 @@ class Store:
         if not self.manifest["atoms"]["stored"]:
             return self.method.atom_rows(chunk, None)
         cols = []
+        quantized = is_quantized(self.manifest["atoms"]["dtype"], self.shape_of(chunk.tensor))
         for ckpt in self._vectors:
             info = ckpt.info(chunk.tensor)
             rows = ckpt.read(chunk.tensor) if not info.shape else ckpt.read(chunk.tensor, chunk.start, chunk.stop)
-            cols.append(rows.reshape(-1).to(torch.float64))
+            if quantized:
+                scale = ckpt.read(scale_name(chunk.tensor), chunk.start, chunk.stop)
+                cols.append(dequantize_rows(rows.reshape(len(scale), -1), scale).reshape(-1))
+            else:
+                cols.append(rows.reshape(-1).to(torch.float64))
         return torch.stack(cols, dim=1)
 
     def combination_rows(self, chunk: Chunk, coefficients: np.ndarray) -> torch.Tensor:
@@ -156,7 +160,12 @@ class Store:
             "has_mean": m["has_mean"],
             "atom_dtype": m["atoms"]["dtype"],
             "tasks": [
-                {k: t[k] for k in ("name", "rel_error", "cosine", "norm", "source", "content_hash")} for t in m["tasks"]
+                {
+                    k: t[k]
+                    for k in ("name", "rel_error", "rel_error_unrounded", "cosine", "norm", "source", "content_hash")
+                    if k in t
+                }
+                for t in m["tasks"]
             ],
             "dim": m["dim"],
             "bytes": m["bytes"],

@@ -1,0 +1,61 @@
+"""How atoms are rounded to the store dtype: fp32, fp16, bf16, or int8 with per-row scales.
+
+int8 is symmetric and per output channel: every row of a tensor with two or more dimensions
+(``W[i, ...]``) gets its own scale ``max|row| / 127`` and is stored as ``round(row / scale)``;
+the scales are float32 tensors named ``{name}.qscale`` beside the int8 tensor in the same
+file. One- and zero-dimensional tensors (biases, norms: a negligible share of the bytes,
+and rows of one entry each) stay float32. Rows are whole within a chunk, so quantizing is
+chunk-local and streams.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tvbasis.errors import TvbasisError
+
+#: The store dtypes ``--dtype`` accepts, and the torch dtype each stores its atoms' values in.
+STORE_DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+    "int8": torch.int8,
+}
+SCALE_SUFFIX = ".qscale"
+INT8_LEVELS = 127
+
+
+def check_store_dtype(dtype: str) -> torch.dtype:
+    if dtype not in STORE_DTYPES:
+        raise TvbasisError(f"--dtype {dtype!r}: choose one of {', '.join(STORE_DTYPES)}")
+    return STORE_DTYPES[dtype]
+
+
+def is_quantized(dtype: str, shape: tuple[int, ...]) -> bool:
+    """Whether a tensor of ``shape`` is stored as int8 plus scales in a ``dtype`` store."""
+    return dtype == "int8" and len(shape) >= 2
+
+
+def value_dtype(dtype: str, shape: tuple[int, ...]) -> torch.dtype:
+    """The dtype a tensor of ``shape`` has in the atom files of a ``dtype`` store."""
+    if dtype == "int8":
+        return torch.int8 if is_quantized(dtype, shape) else torch.float32
+    return STORE_DTYPES[dtype]
+
+
+def scale_name(tensor: str) -> str:
+    return tensor + SCALE_SUFFIX
+
+
+def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 codes and float32 scales of a ``(n_rows, row_numel)`` block, one scale per row."""
+    x = rows.to(torch.float32)
+    scale = x.abs().amax(dim=1) / INT8_LEVELS
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(x / safe[:, None]).clamp_(-INT8_LEVELS, INT8_LEVELS).to(torch.int8)
+    return q, scale
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float64 values of int8 codes ``(n_rows, row_numel)`` with per-row scales."""
+    return q.to(torch.float64) * scale.to(torch.float64)[:, None]
