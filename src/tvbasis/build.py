@@ -153,7 +153,7 @@ def build_store(
         if unrounded_metrics is not None:
             for t, task in enumerate(manifest["tasks"]):
                 task["rel_error_unrounded"] = float(unrounded_metrics["rel_error"][t])
-        _finalise(tmp, manifest, tvs)
+        finalise_store(tmp, manifest)
     return open_store(out)
 
 
@@ -167,8 +167,11 @@ def _check_scale_names(tvs: TaskVectorSet, dtype: str) -> None:
             )
 
 
-def _finalise(tmp: Path, manifest: dict[str, Any], tvs: TaskVectorSet) -> None:
-    """Write the model card and, last, the manifest; byte counts include both of them."""
+def finalise_store(tmp: Path, manifest: dict[str, Any]) -> None:
+    """Write the model card and, last, the manifest; byte counts include both of them.
+
+    ``manifest`` needs everything but ``files`` and ``bytes``, which are filled in here.
+    """
     sizes = file_sizes(tmp)
     card_len = man_len = 0
     # The counts appear in the texts they count. Plain iteration can oscillate (a length that
@@ -176,7 +179,7 @@ def _finalise(tmp: Path, manifest: dict[str, Any], tvs: TaskVectorSet) -> None:
     # text is then padded with trailing spaces to exactly the length it states.
     for _ in range(20):
         manifest["files"] = {**sizes, "README.md": card_len}
-        manifest["bytes"] = _byte_counts(manifest["files"], man_len, tvs)
+        manifest["bytes"] = _byte_counts(manifest["files"], man_len, manifest["dim"], manifest["n_tasks"])
         card = _model_card(manifest).encode()
         text = (json.dumps(manifest, indent=2) + "\n").encode()
         if len(card) <= card_len and len(text) <= man_len:
@@ -295,10 +298,10 @@ def _manifest(
     }
 
 
-def _byte_counts(files: dict[str, int], manifest_bytes: int, tvs: TaskVectorSet) -> dict[str, Any]:
+def _byte_counts(files: dict[str, int], manifest_bytes: int, dim: int, n_tasks: int) -> dict[str, Any]:
     atoms = sum(s for f, s in files.items() if f.startswith(f"{ATOMS_DIR}/"))
     total = sum(files.values()) + manifest_bytes
-    original = tvs.dim * tvs.n_tasks * 4
+    original = dim * n_tasks * 4
     return {
         "atoms": atoms,
         "matrices": files.get(MATRICES, 0),
