@@ -13,10 +13,10 @@ import numpy as np
 import torch
 
 from tvbasis import __version__
-from tvbasis.engine.streaming import DEFAULT_CHUNK_ELEMENTS, AtomStats, atom_pass, gram_pass
+from tvbasis.engine.streaming import DEFAULT_CHUNK_ELEMENTS, AtomStats, GramStats, atom_pass, gram_pass
 from tvbasis.errors import TvbasisError
 from tvbasis.io.checkpoint import Checkpoint
-from tvbasis.io.hashing import CONTENT_HASH
+from tvbasis.io.hashing import CONTENT_HASH, Hasher, content_hasher
 from tvbasis.io.outputs import atomic_output, check_output_path
 from tvbasis.io.writer import ShardedWriter, TensorSpec, shard_plan
 from tvbasis.methods import BasisMethod
@@ -87,12 +87,17 @@ def build_store(
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     overwrite: bool = False,
+    known: GramStats | None = None,
 ) -> Store:
     """Compress the task vectors of ``tasks`` (relative to ``base``) into a store at ``out``.
 
     Two streaming passes over the inputs (one for the random basis): the Gram pass, then
     the atom pass, which writes the atoms chunk by chunk. Nothing is written under ``out``
     until the store is complete.
+
+    ``known``: the Gram pass's results from an earlier pass over the same inputs (a refit).
+    The Gram pass is then skipped where the method needs nothing else from it, and the
+    inputs' content hashes are checked against ``known``'s during the atom pass instead.
     """
     out = Path(out)
     check_store_dtype(dtype)
@@ -101,7 +106,14 @@ def build_store(
     method.check_n_tasks(tvs.n_tasks)
     _check_scale_names(tvs, dtype)
 
-    stats = gram_pass(tvs, chunk_elements, observe=method.observe if method.observes else None)
+    hashers = None
+    if known is not None and not method.observes and method.stores_atoms:
+        if known.gram.shape != (tvs.n_tasks, tvs.n_tasks):
+            raise TvbasisError(f"known Gram matrix is {known.gram.shape}, there are {tvs.n_tasks} tasks")
+        stats = known
+        hashers = [content_hasher() for _ in range(tvs.n_tasks + 1)]
+    else:
+        stats = gram_pass(tvs, chunk_elements, observe=method.observe if method.observes else None)
     method.fit(stats.gram)
 
     # Linear atoms have exact statistics from G. Rounding to fp32 changes them negligibly;
@@ -125,7 +137,10 @@ def build_store(
                 vectors,
                 measure=exact_stats is None or rounded,
                 measure_unrounded=rounded and exact_stats is None,
+                hashers=hashers,
             )
+            if hashers is not None:
+                _check_hashes(tvs, stats, [h.hexdigest() for h in hashers])
             if measured is not None:
                 atom_gram, atom_cross = measured.atom_gram, measured.atom_cross
             else:
@@ -155,6 +170,15 @@ def build_store(
                 task["rel_error_unrounded"] = float(unrounded_metrics["rel_error"][t])
         finalise_store(tmp, manifest)
     return open_store(out)
+
+
+def _check_hashes(tvs: TaskVectorSet, known: GramStats, hashes: list[str]) -> None:
+    """Refuse to finish a store whose inputs differ from those the known Gram matrix came from."""
+    for path, was, now in zip(
+        [tvs.base.path, *(s.path for s in tvs.sources)], [known.base_hash, *known.task_hashes], hashes, strict=True
+    ):
+        if was != now:
+            raise TvbasisError(f"{path}: its weights changed since the store's Gram matrix was computed")
 
 
 def _check_scale_names(tvs: TaskVectorSet, dtype: str) -> None:
@@ -204,6 +228,7 @@ def _write_atoms(
     vectors: list[dict[str, Any]],
     measure: bool,
     measure_unrounded: bool = False,
+    hashers: list[Hasher] | None = None,
 ) -> AtomStats | None:
     """Write the atoms; with ``measure``, also return the inner products of the atoms as stored
     (and with ``measure_unrounded``, of the atoms before rounding to the store dtype)."""
@@ -243,7 +268,13 @@ def _write_atoms(
 
     try:
         stats = atom_pass(
-            tvs, method.atom_rows, sink, chunk_elements, measure=measure, measure_unrounded=measure_unrounded
+            tvs,
+            method.atom_rows,
+            sink,
+            chunk_elements,
+            measure=measure,
+            measure_unrounded=measure_unrounded,
+            hashers=hashers,
         )
     except BaseException:
         for w in writers:

@@ -241,6 +241,91 @@ def reconstruct(
         out.print(f"wrote {out_path}", markup=False, highlight=False, soft_wrap=True)
 
 
+StoreArg = Annotated[Path, typer.Argument(help="Store directory.")]
+UpdateOut = Annotated[
+    Path | None, typer.Option("--out", help="Write the updated store here instead of updating STORE in place.")
+]
+
+
+@app.command("add-task")
+def add_task_command(
+    store: StoreArg,
+    task: Annotated[str, typer.Option(help="The new fine-tune as NAME=PATH.")],
+    base: Annotated[Path | None, typer.Option(help="Base checkpoint (default: the one the store records).")] = None,
+    out_path: UpdateOut = None,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Add a task without refitting: its coefficients are its least-squares projection onto the atoms."""
+    from tvbasis.tasks import parse_task_arg
+    from tvbasis.update import add_task
+
+    set_quiet(quiet)
+    try:
+        updated, added = add_task(store, parse_task_arg(task), base=base, out=out_path, overwrite=overwrite)
+    except TvbasisError as exc:
+        _fail(exc)
+    if added.missing_inputs:
+        _log(
+            "warning: the inputs of " + ", ".join(added.missing_inputs) + " were not found, so the store lacks "
+            f"their inner products with {added.name!r}; a refit will read everything twice"
+        )
+    out.print(
+        f"added {added.name} to {updated.path}: relative error {added.rel_error:.4f}, cosine {added.cosine:.4f} "
+        f"({updated.n_tasks} tasks, M = {updated.n_atoms})",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@app.command("remove-task")
+def remove_task_command(
+    store: StoreArg,
+    task: Annotated[str, typer.Option(help="Name of the task to remove.")],
+    out_path: UpdateOut = None,
+    overwrite: Overwrite = False,
+) -> None:
+    """Remove a task's coefficients and statistics; the atoms stay as they are."""
+    from tvbasis.update import remove_task
+
+    try:
+        updated = remove_task(store, task, out=out_path, overwrite=overwrite)
+    except TvbasisError as exc:
+        _fail(exc)
+    out.print(
+        f"removed {task} from {updated.path} ({updated.n_tasks} tasks left)",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@app.command("refit")
+def refit_command(
+    store: StoreArg,
+    base: Annotated[Path | None, typer.Option(help="Base checkpoint (default: the one the store records).")] = None,
+    out_path: UpdateOut = None,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Fit the basis again over the store's current tasks, reading their recorded inputs."""
+    from tvbasis.update import plan_refit, refit
+
+    set_quiet(quiet)
+    try:
+        _log(plan_refit(store, base=base).describe())
+        updated = refit(store, base=base, out=out_path, overwrite=overwrite)
+    except TvbasisError as exc:
+        _fail(exc)
+    out.print(
+        f"refitted {updated.path}: {updated.n_tasks} tasks, M = {updated.n_atoms}",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
 def _parse_add(items: list[str]) -> dict[str, float]:
     adds: dict[str, float] = {}
     for item in items:

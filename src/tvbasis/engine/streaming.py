@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from tvbasis.errors import TvbasisError
-from tvbasis.io.hashing import content_hasher
+from tvbasis.io.hashing import Hasher, content_hasher
 from tvbasis.io.writer import tensor_bytes
 from tvbasis.progress import progress
 from tvbasis.tasks.taskvectors import Chunk, TaskVectorSet, plan_chunks
@@ -245,6 +245,7 @@ def atom_pass(
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     measure: bool = True,
     measure_unrounded: bool = False,
+    hashers: Sequence[Hasher] | None = None,
 ) -> AtomStats | None:
     """Stream all task vectors again, computing and storing the atoms chunk by chunk.
 
@@ -255,7 +256,8 @@ def atom_pass(
     atoms' own precision, and half the memory traffic) and the pass returns None: the
     caller knows those statistics exactly already (linear atoms ``S = V B`` stored in
     float32 have ``S^T S = B^T G B`` and ``S^T V = B^T G``). ``measure_unrounded`` also
-    accumulates them for the atoms as computed, before ``sink`` rounds them.
+    accumulates them for the atoms as computed, before ``sink`` rounds them. ``hashers``
+    (base first, then each task) are fed the inputs' bytes, as in the Gram pass.
     """
     T = tvs.n_tasks
     chunks = plan_chunks(tvs.tensors, pass_chunk_elements(chunk_elements, T))
@@ -269,7 +271,10 @@ def atom_pass(
             unrounded.add(S, X)
 
     def load(i: int) -> torch.Tensor:
-        return tvs.task_rows(tvs.read_rows(chunks[i], buffers.raw[0]), buffers.x[i % _ATOM_SLOTS])
+        rows = tvs.read_rows(chunks[i], buffers.raw[0])
+        for hasher, r in zip(hashers or (), rows, strict=False):
+            hasher.update(tensor_bytes(r))
+        return tvs.task_rows(rows, buffers.x[i % _ATOM_SLOTS])
 
     with (
         progress(tvs.dim * (T + 1), "Atom pass", unit="param") as bar,
