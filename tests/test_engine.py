@@ -14,11 +14,12 @@ from safetensors.torch import save_file
 from common import base_state, flat, read_flat, task_deltas, write_family
 from tvbasis.build import build_store
 from tvbasis.engine import atom_pass, gram_pass
+from tvbasis.engine.streaming import gram_sum
 from tvbasis.io import open_checkpoint
 from tvbasis.io.writer import SafetensorsStreamWriter, TensorSpec, shard_plan
 from tvbasis.methods import make_method
 from tvbasis.tasks import TaskSource, TaskVectorSet
-from tvbasis.tasks.taskvectors import plan_chunks
+from tvbasis.tasks.taskvectors import plan_chunks, plan_partitions
 
 EXCLUDE = ["head.*"]
 
@@ -84,11 +85,28 @@ def test_content_hashes_are_of_the_task_vector_tensors(family) -> None:
     tvs = TaskVectorSet(family.base, family.tasks, exclude=EXCLUDE)
     stats = gram_pass(tvs, chunk_elements=11)
     ckpt = open_checkpoint(family.tasks[0].path)
-    data = b"".join(  # the store's fixed tensor order
-        ckpt.read(info.name).reshape(-1).view(torch.uint8).numpy().tobytes() for info in tvs.tensors
+    digests = b"".join(  # each tensor's own hash, in the store's fixed tensor order
+        xxhash.xxh3_128_digest(ckpt.read(info.name).reshape(-1).view(torch.uint8).numpy().tobytes())
+        for info in tvs.tensors
     )
-    assert stats.task_hashes[0] == xxhash.xxh3_128_hexdigest(data)
+    assert stats.task_hashes[0] == xxhash.xxh3_128_hexdigest(digests)
     assert len(set(stats.task_hashes)) == len(family.tasks)
+
+
+def test_partitions_depend_on_the_layout_only(family) -> None:
+    tvs = TaskVectorSet(family.base, family.tasks, exclude=EXCLUDE)
+    parts = plan_partitions(tvs.tensors, 100)
+    assert [n for p in parts for n in p] == [i.name for i in tvs.tensors]
+    sizes = {i.name: i.numel for i in tvs.tensors}
+    assert all(sum(sizes[n] for n in p[:-1]) < 100 for p in parts)  # closed as soon as it is large enough
+    assert len(plan_partitions(tvs.tensors, 1)) == len(tvs.tensors)
+    # per-partition sums of one partition at a time add up to the same G
+    whole = gram_pass(tvs, partition_elements=100).gram
+    one = sum(
+        gram_sum(TaskVectorSet(family.base, family.tasks, exclude=EXCLUDE, only=p), partition_elements=100)
+        for p in parts
+    )
+    np.testing.assert_array_equal((one + one.T) / 2, whole)
 
 
 @pytest.mark.parametrize(

@@ -65,12 +65,19 @@ def test_incomplete_or_damaged_store_never_loads(family, tmp_path: Path) -> None
 
 
 def test_a_crash_mid_build_leaves_nothing(family, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import tvbasis.build as build_mod
+    import tvbasis.engine.streaming as streaming
 
-    def boom(*args: object, **kwargs: object) -> None:
-        raise RuntimeError("disk full")
+    real = streaming.atom_pass
 
-    monkeypatch.setattr(build_mod, "atom_pass", boom)
+    def boom(tvs, atoms, sink, *args: object, **kwargs: object) -> None:
+        def failing_sink(chunk, S):
+            if chunk.offset > 0:  # after the atom files exist and have some rows
+                raise RuntimeError("disk full")
+            return sink(chunk, S)
+
+        real(tvs, atoms, failing_sink, *args, **kwargs)
+
+    monkeypatch.setattr(streaming, "atom_pass", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         build_store(family.base, family.tasks, make_method("pca", 2), tmp_path / "s", exclude=EXCLUDE)
     assert list(tmp_path.iterdir()) == []

@@ -7,20 +7,19 @@ import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from tvbasis import __version__
-from tvbasis.engine.streaming import DEFAULT_CHUNK_ELEMENTS, AtomStats, GramStats, atom_pass, gram_pass
+from tvbasis.engine.streaming import DEFAULT_CHUNK_ELEMENTS, AtomStats, GramStats, LocalEngine
 from tvbasis.errors import TvbasisError
 from tvbasis.io.checkpoint import Checkpoint
-from tvbasis.io.hashing import CONTENT_HASH, Hasher, content_hasher
+from tvbasis.io.hashing import CONTENT_HASH, ContentHash
 from tvbasis.io.outputs import atomic_output, check_output_path
-from tvbasis.io.writer import ShardedWriter, TensorSpec, shard_plan
 from tvbasis.methods import BasisMethod
 from tvbasis.methods.base import least_squares_decoder
+from tvbasis.store.atoms import AtomWriter
 from tvbasis.store.format import (
     ATOMS_DIR,
     FORMAT_NAME,
@@ -34,15 +33,11 @@ from tvbasis.store.format import (
     vector_names,
 )
 from tvbasis.store.metrics import reconstruction_metrics
-from tvbasis.store.quantize import (
-    check_store_dtype,
-    dequantize_rows,
-    is_quantized,
-    quantize_rows,
-    scale_name,
-    value_dtype,
-)
-from tvbasis.tasks.taskvectors import Chunk, TaskSource, TaskVectorSet
+from tvbasis.store.quantize import check_store_dtype, is_quantized, scale_name
+from tvbasis.tasks.taskvectors import TaskSource, TaskVectorSet
+
+if TYPE_CHECKING:
+    from tvbasis.engine.distributed import DaskEngine
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 
@@ -61,7 +56,10 @@ def base_fingerprint(base: Checkpoint, content_hash: str) -> dict[str, Any]:
 
 
 def _model_card(manifest: dict[str, Any]) -> str:
-    rows = "\n".join(f"| {t['name']} | {t['rel_error']:.4f} | {t['cosine']:.4f} |" for t in manifest["tasks"])
+    def num(x: float | None) -> str:
+        return "unknown" if x is None else f"{x:.4f}"
+
+    rows = "\n".join(f"| {t['name']} | {num(t['rel_error'])} | {num(t['cosine'])} |" for t in manifest["tasks"])
     b = manifest["bytes"]
     return (
         f"---\nlibrary_name: tvbasis\ntags: [task-vectors, task-arithmetic]\n---\n\n"
@@ -88,6 +86,7 @@ def build_store(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     overwrite: bool = False,
     known: GramStats | None = None,
+    engine: LocalEngine | DaskEngine | None = None,
 ) -> Store:
     """Compress the task vectors of ``tasks`` (relative to ``base``) into a store at ``out``.
 
@@ -98,7 +97,11 @@ def build_store(
     ``known``: the Gram pass's results from an earlier pass over the same inputs (a refit).
     The Gram pass is then skipped where the method needs nothing else from it, and the
     inputs' content hashes are checked against ``known``'s during the atom pass instead.
+
+    ``engine`` runs the passes: the local engine by default, or a
+    :class:`~tvbasis.engine.distributed.DaskEngine`; both give the same store.
     """
+    engine = engine or LocalEngine()
     out = Path(out)
     check_store_dtype(dtype)
     check_output_path(out, overwrite)
@@ -111,9 +114,9 @@ def build_store(
         if known.gram.shape != (tvs.n_tasks, tvs.n_tasks):
             raise TvbasisError(f"known Gram matrix is {known.gram.shape}, there are {tvs.n_tasks} tasks")
         stats = known
-        hashers = [content_hasher() for _ in range(tvs.n_tasks + 1)]
+        hashers = [ContentHash() for _ in range(tvs.n_tasks + 1)]
     else:
-        stats = gram_pass(tvs, chunk_elements, observe=method.observe if method.observes else None)
+        stats = engine.gram_pass(tvs, chunk_elements, observe=method.observe if method.observes else None)
     method.fit(stats.gram)
 
     # Linear atoms have exact statistics from G. Rounding to fp32 changes them negligibly;
@@ -138,6 +141,7 @@ def build_store(
                 measure=exact_stats is None or rounded,
                 measure_unrounded=rounded and exact_stats is None,
                 hashers=hashers,
+                engine=engine,
             )
             if hashers is not None:
                 _check_hashes(tvs, stats, [h.hexdigest() for h in hashers])
@@ -228,61 +232,26 @@ def _write_atoms(
     vectors: list[dict[str, Any]],
     measure: bool,
     measure_unrounded: bool = False,
-    hashers: list[Hasher] | None = None,
+    hashers: list[ContentHash] | None = None,
+    engine: LocalEngine | DaskEngine | None = None,
 ) -> AtomStats | None:
     """Write the atoms; with ``measure``, also return the inner products of the atoms as stored
     (and with ``measure_unrounded``, of the atoms before rounding to the store dtype)."""
-    (tmp / ATOMS_DIR).mkdir()
-    specs: list[TensorSpec] = []
-    for i in tvs.tensors:
-        specs.append(TensorSpec(i.name, i.shape, value_dtype(dtype, i.shape)))
-        if is_quantized(dtype, i.shape):
-            specs.append(TensorSpec(scale_name(i.name), i.shape[:1], torch.float32))
-    shapes = {i.name: i.shape for i in tvs.tensors}
-    writers: list[ShardedWriter] = []
-    for name in names:
-        plan = shard_plan(specs, max_shard_bytes, stem=name)
-        writers.append(ShardedWriter(tmp / ATOMS_DIR, plan, metadata={"tvbasis_vector": name}))
-        vectors.append({"name": name, "files": [f"{ATOMS_DIR}/{f}" for f, _ in plan]})
-    scales: list[list[torch.Tensor]] = [[] for _ in names]  # int8 scales of the tensor being written
-
-    def sink(chunk: Chunk, S: torch.Tensor) -> torch.Tensor:
-        shape = shapes[chunk.tensor]
-        n_rows = chunk.stop - chunk.start
-        row_shape = (n_rows, *shape[1:]) if shape else ()
-        if not is_quantized(dtype, shape):
-            stored = S.to(value_dtype(dtype, shape))  # S is (numel, K) column-major: atoms' rows contiguous
-            for k, w in enumerate(writers):
-                w.write(chunk.tensor, stored[:, k].reshape(row_shape))
-            return stored
-        values = []
-        for k, w in enumerate(writers):
-            q, scale = quantize_rows(S[:, k].reshape(n_rows, -1))
-            w.write(chunk.tensor, q.reshape(row_shape))
-            scales[k].append(scale)
-            if chunk.stop == shape[0]:  # the tensor's last rows: its scales follow it in the file
-                w.write(scale_name(chunk.tensor), torch.cat(scales[k]))
-                scales[k].clear()
-            values.append(dequantize_rows(q, scale).reshape(-1))
-        return torch.stack(values, dim=1)
-
+    writer = AtomWriter(tmp / ATOMS_DIR, names, {i.name: i.shape for i in tvs.tensors}, dtype, max_shard_bytes)
+    writer.create()
+    vectors.extend(writer.vectors(ATOMS_DIR))
     try:
-        stats = atom_pass(
+        return (engine or LocalEngine()).atom_pass(
             tvs,
             method.atom_rows,
-            sink,
+            writer,
             chunk_elements,
             measure=measure,
             measure_unrounded=measure_unrounded,
             hashers=hashers,
         )
-    except BaseException:
-        for w in writers:
-            w.abort()
-        raise
-    for w in writers:
-        w.close()
-    return stats
+    finally:
+        writer.close()
 
 
 def _manifest(

@@ -70,6 +70,23 @@ def _fail(exc: TvbasisError) -> None:
     raise typer.Exit(2)
 
 
+def _engine(name: str, scheduler: str | None, workers: int | None) -> Any:
+    """The engine ``--engine`` names (a connected Dask client for dask)."""
+    if name == "local":
+        if scheduler is not None or workers is not None:
+            raise TvbasisError("--scheduler and --workers apply to --engine dask only")
+        from tvbasis.engine.streaming import LocalEngine
+
+        return LocalEngine()
+    if name == "dask":
+        from tvbasis.engine.distributed import DaskEngine
+
+        if workers is not None and workers < 1:
+            raise TvbasisError(f"--workers {workers}: must be at least 1")
+        return DaskEngine(scheduler, n_workers=workers)
+    raise TvbasisError(f"--engine {name!r}: choose local or dask")
+
+
 @app.command()
 def build(
     base: Annotated[
@@ -108,6 +125,11 @@ def build(
         int, typer.Option(help="At most this many entries per task read at a time (also capped by T).")
     ] = 1 << 20,
     max_shard_bytes: Annotated[int, typer.Option(help="Shard atoms above this many bytes.")] = 2 * 1024**3,
+    engine: Annotated[str, typer.Option(help="local (this process) or dask (map/reduce on a Dask cluster).")] = "local",
+    scheduler: Annotated[
+        str | None, typer.Option(help="[dask] scheduler address; without it a local cluster is started.")
+    ] = None,
+    workers: Annotated[int | None, typer.Option(help="[dask] workers of the local cluster (one per core).")] = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -155,18 +177,23 @@ def build(
         if wrong and method_name in METHOD_OPTIONS:
             raise TvbasisError(f"option {wrong[0]!r} does not apply to --method {method_name}")
         est = make_method(method_name, m, **settings)
-        store = build_store(
-            base_path,
-            sources,
-            est,
-            out_path,
-            include=include or rec.include,
-            exclude=exclude or rec.exclude,
-            dtype=dtype or rec.dtype or "fp32",
-            chunk_elements=chunk_elements,
-            max_shard_bytes=max_shard_bytes,
-            overwrite=overwrite,
-        )
+        runner = _engine(engine, scheduler, workers)
+        try:
+            store = build_store(
+                base_path,
+                sources,
+                est,
+                out_path,
+                include=include or rec.include,
+                exclude=exclude or rec.exclude,
+                dtype=dtype or rec.dtype or "fp32",
+                chunk_elements=chunk_elements,
+                max_shard_bytes=max_shard_bytes,
+                overwrite=overwrite,
+                engine=runner,
+            )
+        finally:
+            runner.close()
     except TvbasisError as exc:
         _fail(exc)
     if not quiet:
@@ -191,6 +218,10 @@ def info(
         _print_info(summary)
 
 
+def _num(x: float | None, fmt: str) -> str:
+    return "unknown" if x is None else format(x, fmt)
+
+
 def _print_info(s: dict[str, Any]) -> None:
     b = s["bytes"]
     out.print(
@@ -208,7 +239,7 @@ def _print_info(s: dict[str, Any]) -> None:
     table = Table(*columns)
     for t in s["tasks"]:
         extra = [f"{t['rel_error'] - t['rel_error_unrounded']:+.2e}"] if rounded else []
-        table.add_row(t["name"], f"{t['rel_error']:.4f}", *extra, f"{t['cosine']:.4f}", f"{t['norm']:.4g}")
+        table.add_row(t["name"], _num(t["rel_error"], ".4f"), *extra, _num(t["cosine"], ".4f"), _num(t["norm"], ".4g"))
     out.print(table)
     out.print(
         f"stored {b['total']:,} bytes (atoms {b['atoms']:,}, matrices {b['matrices']:,}, other "
@@ -506,6 +537,42 @@ def evaluate(
     for n, acc in accs.items():
         table.add_row(n, f"{acc:.4f}")
     out.print(table)
+
+
+@app.command("import-tvb")
+def import_tvb(
+    run_dir: Annotated[
+        Path, typer.Argument(help="Run directory of the official Task Vector Bases code (one release folder).")
+    ],
+    out_path: Annotated[Path, typer.Option("--out", help="Store directory to create.")],
+    trust_pickle: Annotated[
+        bool, typer.Option("--trust-pickle", help="Load .pt files that need code execution (trusted sources only).")
+    ] = False,
+    dtype: Annotated[str, typer.Option(help="Atom dtype: fp32, fp16, bf16 or int8 (per-row scales).")] = "fp32",
+    overwrite: Overwrite = False,
+) -> None:
+    """Convert an official Task Vector Bases run (basis_vectors.pt, method_info.json, AWB.pt or pca_components.pt)."""
+    import warnings
+
+    from tvbasis.interop import UnsafeLoadWarning, import_official_run
+
+    def show(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> None:
+        _log(f"warning: {_one_line(str(message))}")
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", UnsafeLoadWarning)
+            warnings.showwarning = show  # restored on leaving the block
+            store = import_official_run(run_dir, out_path, trust_pickle=trust_pickle, overwrite=overwrite, dtype=dtype)
+    except TvbasisError as exc:
+        _fail(exc)
+    _print_info(store.summary())
+    out.print(
+        "not in the run directory: the Gram matrix and the tasks' norms and errors (shown as nan), and the base "
+        "(edit needs --ignore-base-mismatch)",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def main() -> None:

@@ -96,6 +96,11 @@ def add_task(
 ) -> tuple[Store, AddedTask]:
     """Add ``task`` to the store (in place, or as a new store at ``out``) without refitting the atoms."""
     store = _open(store)
+    if store.manifest["base"].get("known") is False:
+        raise TvbasisError(
+            f"{store.path}: the store records no base and no Gram statistics (it was imported), so a task "
+            f"cannot be added; build a store from the fine-tunes instead"
+        )
     check_task_name(task.name)
     if task.name in store.task_names:
         raise TvbasisError(f"--task {task.name}: the store already has a task of that name")

@@ -12,7 +12,7 @@ import torch
 from tvbasis.engine.streaming import DEFAULT_CHUNK_ELEMENTS
 from tvbasis.errors import CheckpointError, TvbasisError
 from tvbasis.io.checkpoint import BIN_INDEX, SAFETENSORS_INDEX, Checkpoint, open_checkpoint
-from tvbasis.io.hashing import CONTENT_HASH, content_hasher
+from tvbasis.io.hashing import CONTENT_HASH, ContentHash
 from tvbasis.io.outputs import atomic_output, check_output_path
 from tvbasis.io.writer import SafetensorsStreamWriter, ShardedWriter, TensorSpec, shard_plan, tensor_bytes
 from tvbasis.progress import progress
@@ -80,6 +80,11 @@ def reconstruct_task(store: Store, task: str, out: str | Path, **kwargs: object)
 
 def check_base_layout(store: Store, base: Checkpoint) -> None:
     """Refuse a base whose tensor names, shapes or dtypes differ from the store's base."""
+    if store.manifest["base"].get("known") is False:
+        raise CheckpointError(
+            f"{store.path}: the store records no base (it was imported from a run that keeps none), so "
+            f"{base.path} cannot be checked; pass --ignore-base-mismatch if it is the right base"
+        )
     expected = {name: (tuple(shape), dtype) for name, shape, dtype in store.manifest["base"]["tensors"]}
     actual = {i.name: (i.shape, str(i.dtype).removeprefix("torch.")) for i in base.infos()}
     for name, (shape, dtype) in expected.items():
@@ -169,7 +174,7 @@ def edit_model(
                 f"{ckpt.path}: tensor {name!r} has shape {list(ckpt.info(name).shape)}, "
                 f"the store's is {list(layout[name].shape)}"
             )
-    hasher = content_hasher()
+    hasher = ContentHash()
     total = sum(i.numel for i in ckpt.infos())
     with atomic_output(out, overwrite=overwrite, directory=is_dir) as tmp:
         target_dir = tmp if is_dir else tmp.parent
@@ -194,6 +199,7 @@ def edit_model(
                     delta = store.combination_rows(chunk, coefficients).reshape(rows.shape)
                     writer.write(name, (rows.to(torch.float64) + delta).to(info.dtype))
                     bar.update(chunk.numel)
+                hasher.end_tensor()
         if not ignore_base_mismatch and hasher.hexdigest() != store.manifest["base"]["content_hash"]:
             raise CheckpointError(
                 f"{ckpt.path}: base does not match the store: its weights differ from "

@@ -36,10 +36,10 @@ import numpy as np
 import torch
 
 from tvbasis.errors import TvbasisError
-from tvbasis.io.hashing import Hasher, content_hasher
+from tvbasis.io.hashing import ContentHash
 from tvbasis.io.writer import tensor_bytes
 from tvbasis.progress import progress
-from tvbasis.tasks.taskvectors import Chunk, TaskVectorSet, plan_chunks
+from tvbasis.tasks.taskvectors import PARTITION_ELEMENTS, Chunk, TaskVectorSet, plan_chunks, plan_partitions
 from tvbasis.threads import single_torch_thread
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 20
@@ -164,28 +164,35 @@ class _Prefetch(Generic[_L]):
             job.cancel()
 
 
-def gram_pass(
+def partition_ends(tvs: TaskVectorSet, partition_elements: int = PARTITION_ELEMENTS) -> set[str]:
+    """The tensors that end a partition (``plan_partitions``): where partial sums are added up."""
+    return {part[-1] for part in plan_partitions(tvs.tensors, partition_elements)}
+
+
+def gram_sum(
     tvs: TaskVectorSet,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     observe: Observer | None = None,
-    hash_inputs: bool = True,
-) -> GramStats:
-    """Stream all task vectors once; return ``G`` and the inputs' content hashes.
+    hashers: Sequence[ContentHash] | None = None,
+    partition_elements: int = PARTITION_ELEMENTS,
+) -> np.ndarray:
+    """``V^T V`` over ``tvs``' tensors, unsymmetrised: per-partition sums added in order.
 
+    ``hashers`` (base first, then each task) are fed every input's bytes. A worker of the
+    distributed engine calls this on one partition; :func:`gram_pass` on all of them.
     A worker thread reads, hashes and converts the chunks, in order, while this one
-    accumulates ``G``.
+    accumulates the products.
     """
     T = tvs.n_tasks
     chunks = plan_chunks(tvs.tensors, pass_chunk_elements(chunk_elements, T))
+    ends = partition_ends(tvs, partition_elements)
     gram = np.zeros((T, T), dtype=np.float64)
-    hashers = [content_hasher() for _ in range(T + 1)] if hash_inputs else None
+    partial = np.zeros((T, T), dtype=np.float64)
     buffers = _Buffers(tvs, chunks, x_sets=2)
 
     def load(i: int) -> torch.Tensor:
         rows = tvs.read_rows(chunks[i], buffers.raw[0])
-        if hashers is not None:
-            for hasher, r in zip(hashers, rows, strict=True):
-                hasher.update(tensor_bytes(r))
+        _hash_rows(hashers, chunks[i], rows)
         return tvs.task_rows(rows, buffers.x[i % 2])
 
     with (
@@ -202,40 +209,79 @@ def gram_pass(
                 Xt = X.T  # (T, numel), contiguous
                 update = (Xt @ Xt.T).numpy()
                 _check_finite(tvs, chunk, np.diagonal(update))
-                gram += update
+                partial += update
+                if chunk.last and chunk.tensor in ends:
+                    gram += partial
+                    partial[:] = 0.0
                 if observe is not None:
                     observe(chunk, X)
                 bar.update(chunk.numel * (T + 1))
         finally:
             reader.cancel()
-    gram = (gram + gram.T) / 2  # exact symmetry for the eigensolvers
+    return gram
+
+
+def gram_pass(
+    tvs: TaskVectorSet,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    observe: Observer | None = None,
+    hash_inputs: bool = True,
+    partition_elements: int = PARTITION_ELEMENTS,
+) -> GramStats:
+    """Stream all task vectors once; return ``G`` and the inputs' content hashes."""
+    hashers = [ContentHash() for _ in range(tvs.n_tasks + 1)] if hash_inputs else None
+    gram = gram_sum(tvs, chunk_elements, observe, hashers, partition_elements)
     return GramStats(
-        gram=gram,
+        gram=symmetrised(gram),
         base_hash=hashers[0].hexdigest() if hashers else "",
         task_hashes=[h.hexdigest() for h in hashers[1:]] if hashers else [],
     )
 
 
-class _AtomStats:
-    """Running ``S^T S`` and ``S^T V`` over the chunks, in chunk order."""
+def symmetrised(gram: np.ndarray) -> np.ndarray:
+    """``(G + G^T) / 2``: exact symmetry for the eigensolvers."""
+    return (gram + gram.T) / 2
 
-    def __init__(self) -> None:
+
+def _hash_rows(hashers: Sequence[ContentHash] | None, chunk: Chunk, rows: Sequence[torch.Tensor]) -> None:
+    for hasher, r in zip(hashers or (), rows, strict=False):
+        hasher.update(tensor_bytes(r))
+        if chunk.last:
+            hasher.end_tensor()
+
+
+class _AtomStats:
+    """Running ``S^T S`` and ``S^T V``: per-partition sums added in chunk order."""
+
+    def __init__(self, ends: set[str]) -> None:
+        self.ends = ends
         self.ss: np.ndarray | None = None
         self.sv: np.ndarray | None = None
+        self._ss: np.ndarray | None = None
+        self._sv: np.ndarray | None = None
 
-    def add(self, S: torch.Tensor, X: torch.Tensor) -> None:
+    def add(self, chunk: Chunk, S: torch.Tensor, X: torch.Tensor) -> None:
         S = S.to(torch.float64)
         s_s, s_v = (S.T @ S).numpy(), (S.T @ X).numpy()
-        self.ss = s_s if self.ss is None else self.ss + s_s
-        self.sv = s_v if self.sv is None else self.sv + s_v
+        self._ss = s_s if self._ss is None else self._ss + s_s
+        self._sv = s_v if self._sv is None else self._sv + s_v
+        if chunk.last and chunk.tensor in self.ends:
+            self.ss = self._ss if self.ss is None else self.ss + self._ss
+            self.sv = self._sv if self.sv is None else self.sv + self._sv
+            self._ss = self._sv = None
 
-    def result(self) -> tuple[np.ndarray, np.ndarray]:
+    def result(self) -> Sums:
+        """The raw sums (``S^T S`` not yet symmetrised)."""
         assert self.ss is not None and self.sv is not None
-        return (self.ss + self.ss.T) / 2, self.sv
+        return self.ss, self.sv
 
 
 #: Task-vector row buffers in the atom pass: one being read, one in use here, one in the finishing stage.
 _ATOM_SLOTS = 3
+
+
+#: Raw sums of the atom pass: ``S^T S`` (not yet symmetrised) and ``S^T V``.
+Sums = tuple[np.ndarray, np.ndarray]
 
 
 def atom_pass(
@@ -245,9 +291,29 @@ def atom_pass(
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     measure: bool = True,
     measure_unrounded: bool = False,
-    hashers: Sequence[Hasher] | None = None,
+    hashers: Sequence[ContentHash] | None = None,
+    partition_elements: int = PARTITION_ELEMENTS,
 ) -> AtomStats | None:
-    """Stream all task vectors again, computing and storing the atoms chunk by chunk.
+    """Stream all task vectors again, computing and storing the atoms chunk by chunk
+    (see :func:`atom_sums`); the statistics of the atoms as stored, or None without ``measure``."""
+    sums, unrounded = atom_sums(
+        tvs, atoms, sink, chunk_elements, measure, measure_unrounded, hashers, partition_elements
+    )
+    return None if sums is None else atom_stats_from_sums(sums, unrounded)
+
+
+def atom_sums(
+    tvs: TaskVectorSet,
+    atoms: AtomFunction,
+    sink: AtomSink,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    measure: bool = True,
+    measure_unrounded: bool = False,
+    hashers: Sequence[ContentHash] | None = None,
+    partition_elements: int = PARTITION_ELEMENTS,
+) -> tuple[Sums | None, Sums | None]:
+    """Stream all task vectors, computing and storing the atoms chunk by chunk; return the raw
+    sums of the atoms as stored and unrounded (None where not measured).
 
     Three stages overlap, each taking the chunks in order: a worker thread reads and
     converts the rows; this thread computes the atoms (``atoms``); another worker either
@@ -263,17 +329,17 @@ def atom_pass(
     chunks = plan_chunks(tvs.tensors, pass_chunk_elements(chunk_elements, T))
     row_dtype = torch.float64 if measure else torch.float32
     buffers = _Buffers(tvs, chunks, x_sets=_ATOM_SLOTS, x_dtype=row_dtype)
-    stats, unrounded = _AtomStats(), _AtomStats()
+    ends = partition_ends(tvs, partition_elements)
+    stats, unrounded = _AtomStats(ends), _AtomStats(ends)
 
-    def measure_chunk(stored: torch.Tensor, S: torch.Tensor, X: torch.Tensor) -> None:
-        stats.add(stored, X)
+    def measure_chunk(chunk: Chunk, stored: torch.Tensor, S: torch.Tensor, X: torch.Tensor) -> None:
+        stats.add(chunk, stored, X)
         if measure_unrounded:
-            unrounded.add(S, X)
+            unrounded.add(chunk, S, X)
 
     def load(i: int) -> torch.Tensor:
         rows = tvs.read_rows(chunks[i], buffers.raw[0])
-        for hasher, r in zip(hashers or (), rows, strict=False):
-            hasher.update(tensor_bytes(r))
+        _hash_rows(hashers, chunks[i], rows)
         return tvs.task_rows(rows, buffers.x[i % _ATOM_SLOTS])
 
     with (
@@ -288,7 +354,7 @@ def atom_pass(
                 X = reader.get()
                 S = atoms(chunk, X)
                 if measure:
-                    job = finisher.submit(measure_chunk, sink(chunk, S), S, X)
+                    job = finisher.submit(measure_chunk, chunk, sink(chunk, S), S, X)
                 else:
                     job = finisher.submit(sink, chunk, S)
                 # The rows' slot is refilled only after the job (which may read X or a view of
@@ -299,6 +365,42 @@ def atom_pass(
         finally:
             reader.cancel()
     if not measure:
-        return None
-    atom_gram, atom_cross = stats.result()
-    return AtomStats(atom_gram, atom_cross, unrounded.result() if measure_unrounded else None)
+        return None, None
+    return stats.result(), unrounded.result() if measure_unrounded else None
+
+
+def atom_stats_from_sums(sums: Sums, unrounded: Sums | None) -> AtomStats:
+    """``AtomStats`` from the raw sums of the atom pass (``S^T S`` symmetrised here)."""
+    raw = unrounded
+    return AtomStats(symmetrised(sums[0]), sums[1], None if raw is None else (symmetrised(raw[0]), raw[1]))
+
+
+class LocalEngine:
+    """The single-process engine (the default): the passes above, on this machine's threads."""
+
+    def __init__(self, partition_elements: int = PARTITION_ELEMENTS) -> None:
+        self.partition_elements = partition_elements
+
+    def gram_pass(
+        self,
+        tvs: TaskVectorSet,
+        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        observe: Observer | None = None,
+        hash_inputs: bool = True,
+    ) -> GramStats:
+        return gram_pass(tvs, chunk_elements, observe, hash_inputs, self.partition_elements)
+
+    def atom_pass(
+        self,
+        tvs: TaskVectorSet,
+        atoms: AtomFunction,
+        sink: AtomSink,
+        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        measure: bool = True,
+        measure_unrounded: bool = False,
+        hashers: Sequence[ContentHash] | None = None,
+    ) -> AtomStats | None:
+        return atom_pass(tvs, atoms, sink, chunk_elements, measure, measure_unrounded, hashers, self.partition_elements)
+
+    def close(self) -> None:
+        pass

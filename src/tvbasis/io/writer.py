@@ -9,6 +9,7 @@ bytes chunk by chunk. Files written here are read back with ``safetensors.safe_o
 from __future__ import annotations
 
 import json
+import os
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,28 +57,38 @@ def tensor_bytes(t: torch.Tensor) -> np.ndarray:
     return t.view(torch.uint8).numpy()
 
 
+def safetensors_header(
+    specs: Sequence[TensorSpec], metadata: dict[str, str] | None = None
+) -> tuple[bytes, dict[str, int]]:
+    """The bytes before the data (length prefix and JSON header) and each tensor's data offset in the file."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    relative: dict[str, int] = {}
+    for spec in specs:
+        header[spec.name] = {
+            "dtype": DTYPE_NAMES[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
+        relative[spec.name] = offset
+        offset += spec.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format aligns the data section to 8 bytes
+    prefix = struct.pack("<Q", len(raw)) + raw
+    return prefix, {name: len(prefix) + off for name, off in relative.items()}
+
+
 class SafetensorsStreamWriter:
     """Write one safetensors file whose tensors arrive in order, possibly in row chunks."""
 
     def __init__(self, path: Path, specs: Sequence[TensorSpec], metadata: dict[str, str] | None = None):
         self.path = Path(path)
         self._specs = list(specs)
-        header: dict[str, object] = {}
-        if metadata:
-            header["__metadata__"] = dict(metadata)
-        offset = 0
-        for spec in self._specs:
-            header[spec.name] = {
-                "dtype": DTYPE_NAMES[spec.dtype],
-                "shape": list(spec.shape),
-                "data_offsets": [offset, offset + spec.nbytes],
-            }
-            offset += spec.nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # the format aligns the data section to 8 bytes
+        prefix, _ = safetensors_header(self._specs, metadata)
         self._file = self.path.open("wb")
-        self._file.write(struct.pack("<Q", len(raw)))
-        self._file.write(raw)
+        self._file.write(prefix)
         self._index = 0
         self._written = 0  # bytes of the current tensor written so far
 
@@ -198,3 +209,47 @@ class ShardedWriter:
             self.close()
         else:
             self.abort()
+
+
+class RowWriter:
+    """Write rows of the tensors of one safetensors file at their places, in any order.
+
+    The file is created at its full size with its header (``create=True``); any process
+    may then open it again (``create=False``) and write rows of any tensor, which is how the
+    workers of the distributed engine write their parts of the same atom files.
+    """
+
+    def __init__(
+        self, path: Path, specs: Sequence[TensorSpec], metadata: dict[str, str] | None = None, create: bool = True
+    ) -> None:
+        self.path = Path(path)
+        self._specs = {s.name: s for s in specs}
+        prefix, self._offsets = safetensors_header(list(specs), metadata)
+        if create:
+            with self.path.open("wb") as f:
+                f.write(prefix)
+                f.truncate(len(prefix) + sum(s.nbytes for s in specs))
+        self._fd = os.open(self.path, os.O_WRONLY)
+
+    def write_rows(self, name: str, first_row: int, rows: torch.Tensor) -> None:
+        """Write ``rows`` as rows ``first_row, first_row + 1, ...`` of tensor ``name`` (the whole tensor if 0-D)."""
+        spec = self._specs[name]
+        if rows.dtype != spec.dtype:
+            rows = rows.to(spec.dtype)
+        data = tensor_bytes(rows)
+        row_bytes = spec.nbytes // spec.shape[0] if spec.shape and spec.shape[0] else spec.nbytes
+        begin = first_row * row_bytes
+        if begin + data.nbytes > spec.nbytes:
+            raise RuntimeError(f"{self.path}: rows {first_row}.. overrun tensor {name!r}")
+        view = memoryview(data)
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self._fd, view[done:], self._offsets[name] + begin + done)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __getstate__(self) -> dict[str, object]:
+        raise TypeError("RowWriter holds an open file; send its path and specs instead")

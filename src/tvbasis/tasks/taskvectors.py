@@ -69,6 +69,7 @@ class Chunk:
     stop: int
     row_numel: int
     offset: int
+    last: bool = True  # the tensor's last chunk
 
     @property
     def numel(self) -> int:
@@ -87,9 +88,33 @@ def plan_chunks(tensors: Sequence[TensorInfo], chunk_elements: int) -> list[Chun
         step = max(1, chunk_elements // max(row_numel, 1))
         for start in range(0, rows, step):
             stop = min(rows, start + step)
-            chunks.append(Chunk(info.name, start, stop, row_numel, offset + start * row_numel))
+            chunks.append(Chunk(info.name, start, stop, row_numel, offset + start * row_numel, stop == rows))
         offset += info.numel
     return chunks
+
+
+#: Entries per task in one partition (see ``plan_partitions``).
+PARTITION_ELEMENTS = 1 << 24
+
+
+def plan_partitions(tensors: Sequence[TensorInfo], partition_elements: int = PARTITION_ELEMENTS) -> list[list[str]]:
+    """Group consecutive tensors into partitions of about ``partition_elements`` entries or more.
+
+    A partition is the unit of work of the distributed engine, and sums over the data are
+    taken per partition and then added in partition order by every engine, so engines agree
+    to the last bit. The plan depends on the tensor layout only, never on the workers.
+    """
+    if partition_elements < 1:
+        raise TvbasisError(f"partition_elements {partition_elements}: must be at least 1")
+    parts: list[list[str]] = []
+    size = partition_elements
+    for info in tensors:
+        if size >= partition_elements:
+            parts.append([])
+            size = 0
+        parts[-1].append(info.name)
+        size += info.numel
+    return parts
 
 
 class TaskVectorSet:
@@ -104,7 +129,9 @@ class TaskVectorSet:
         tasks: Sequence[TaskSource],
         include: Sequence[str] = (),
         exclude: Sequence[str] = (),
+        only: Sequence[str] | None = None,
     ) -> None:
+        """``only``: restrict the selection to these tensor names, in this order (one partition)."""
         if not tasks:
             raise TvbasisError("no tasks given (use --task NAME=PATH or a recipe)")
         seen: set[str] = set()
@@ -118,6 +145,12 @@ class TaskVectorSet:
         self.include = list(include)
         self.exclude = list(exclude)
         self.tensors = select_tensors(self.base.infos(), include, exclude)
+        if only is not None:
+            selected = {i.name: i for i in self.tensors}
+            unknown = [n for n in only if n not in selected]
+            if unknown:
+                raise TvbasisError(f"{self.base.path}: tensor {unknown[0]!r} is not among the selected tensors")
+            self.tensors = [selected[n] for n in only]
         if not self.tensors:
             raise TvbasisError(
                 f"{self.base.path}: no floating-point tensors selected (include={self.include}, exclude={self.exclude})"

@@ -1,0 +1,132 @@
+"""The Dask engine gives the same store as the local engine, bit for bit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from common import tree_digest, write_family
+from tvbasis.build import build_store
+from tvbasis.engine.streaming import LocalEngine
+from tvbasis.errors import TvbasisError
+from tvbasis.methods import make_method
+
+distributed = pytest.importorskip("distributed", reason="the dask engine needs the 'distributed' extra")
+from tvbasis.engine.distributed import DaskEngine  # noqa: E402
+
+EXCLUDE = ["head.*"]
+PARTITION = 40  # entries per task: several partitions even in the tiny test model
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory: pytest.TempPathFactory):
+    return write_family(tmp_path_factory.mktemp("fam"), T=5, rank=2)
+
+
+@pytest.fixture(scope="module")
+def dask_engine():
+    with DaskEngine(n_workers=2, partition_elements=PARTITION) as engine:
+        assert engine.n_workers == 2
+        yield engine
+
+
+def _same_store(a: Path, b: Path) -> None:
+    da, db = tree_digest(a), tree_digest(b)
+    # everything but the manifest's creation time and the model card is identical, bit for bit
+    for f in da:
+        if f not in ("tvbasis.json", "README.md"):
+            assert da[f] == db[f], f
+    assert set(da) == set(db)
+
+
+@pytest.mark.parametrize(
+    "method,kw,dtype",
+    [
+        ("pca", {}, "fp32"),
+        ("autoencoder", {"steps": 200}, "fp32"),
+        ("pca", {"center": True}, "int8"),
+        ("cluster", {}, "bf16"),
+    ],
+)
+def test_dask_engine_builds_the_same_store(family, dask_engine, tmp_path: Path, method, kw, dtype) -> None:
+    local = build_store(
+        family.base,
+        family.tasks,
+        make_method(method, 2, **kw),
+        tmp_path / "local",
+        exclude=EXCLUDE,
+        dtype=dtype,
+        chunk_elements=7,
+        engine=LocalEngine(PARTITION),
+    )
+    remote = build_store(
+        family.base,
+        family.tasks,
+        make_method(method, 2, **kw),
+        tmp_path / "dask",
+        exclude=EXCLUDE,
+        dtype=dtype,
+        chunk_elements=7,
+        engine=dask_engine,
+    )
+    _same_store(local.path, remote.path)
+    ml, mr = dict(local.manifest), dict(remote.manifest)
+    for m in (ml, mr):
+        m.pop("created")
+        m.pop("files")
+    assert ml == mr
+
+
+def test_worker_errors_reach_the_caller(family, dask_engine, tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    state = {k: v.clone() for k, v in family.base_state.items()}
+    state["layer.1.mlp.weight"][0, 0] = float("nan")
+    bad = tmp_path / "nan.safetensors"
+    save_file(state, str(bad))
+    from tvbasis.tasks import TaskSource
+
+    with pytest.raises(TvbasisError, match=r"NaN or Inf.*'bad'"):
+        build_store(
+            family.base,
+            [*family.tasks[:2], TaskSource("bad", bad)],
+            make_method("pca", 1),
+            tmp_path / "s",
+            exclude=EXCLUDE,
+            engine=dask_engine,
+        )
+    assert not (tmp_path / "s").exists() and torch.isnan(state["layer.1.mlp.weight"][0, 0])
+
+
+def test_unreachable_scheduler_is_a_clear_error() -> None:
+    with pytest.raises(TvbasisError, match="cannot connect"):
+        DaskEngine(scheduler="tcp://127.0.0.1:1")
+
+
+def test_methods_that_observe_the_data_are_refused(family, dask_engine, tmp_path: Path) -> None:
+    with pytest.raises(TvbasisError, match="local engine"):
+        build_store(
+            family.base, family.tasks, make_method("random", 2), tmp_path / "r", exclude=EXCLUDE, engine=dask_engine
+        )
+    assert not (tmp_path / "r").exists()
+
+
+def test_cli_build_with_the_dask_engine(family, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from tvbasis.cli import app
+
+    args = ["build", "--base", str(family.base), "--method", "pca", "-M", "2", "--exclude", "head.*", "--quiet"]
+    for t in family.tasks:
+        args += ["--task", f"{t.name}={t.path}"]
+    r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "d"), "--engine", "dask", "--workers", "2"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "l")])
+    assert r.exit_code == 0, r.output
+    _same_store(tmp_path / "d", tmp_path / "l")
+    r = CliRunner().invoke(
+        app, [*args, "--out", str(tmp_path / "x"), "--engine", "dask", "--scheduler", "tcp://127.0.0.1:1"]
+    )
+    assert r.exit_code == 2 and "cannot connect" in r.output and not (tmp_path / "x").exists()
