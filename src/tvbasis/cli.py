@@ -401,16 +401,51 @@ def edit(
     mode: Annotated[
         str, typer.Option(help="tasks: S (W a) (default); atoms: the paper's unit sum of atoms.")
     ] = "tasks",
+    merge: Annotated[
+        str,
+        typer.Option(
+            help="none: plain sum; ties: trim, elect sign, disjoint mean; dare: drop, rescale, sum; dare-ties."
+        ),
+    ] = "none",
+    density: Annotated[float, typer.Option(help="[ties] share of each task's entries kept, in (0, 1].")] = 0.2,
+    drop_rate: Annotated[float, typer.Option(help="[dare] probability an entry is dropped, in [0, 1).")] = 0.9,
+    seed: Annotated[int, typer.Option(help="[dare] seed of the drop masks.")] = 0,
     ignore_base_mismatch: Annotated[bool, typer.Option(help="Edit a base other than the store's.")] = False,
+    as_lora: Annotated[
+        bool, typer.Option("--as-lora", help="Write a PEFT LoRA adapter directory (truncated SVD) instead.")
+    ] = False,
+    rank: Annotated[int | None, typer.Option(help="[--as-lora] LoRA rank of every weight matrix.")] = None,
+    energy: Annotated[
+        float | None,
+        typer.Option(help="[--as-lora] per matrix, the least rank keeping this share (0, 1] of sum sigma^2."),
+    ] = None,
+    lora_model_class: Annotated[
+        str | None,
+        typer.Option(help="[--as-lora] transformers class the adapter is for (default: the base's config)."),
+    ] = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
-    """Write BASE + scale * (combination of tasks) using only the store and the base."""
+    """Write BASE + scale * (combination of tasks) using only the store and the base (or, --as-lora, an adapter)."""
     from tvbasis.arithmetic import atoms_sum_coefficients, edit_model, task_coefficients
     from tvbasis.store import open_store
 
     set_quiet(quiet)
+    report = None
     try:
+        if as_lora:
+            from tvbasis.interop.peft import check_rank_options
+
+            check_rank_options(rank, energy)
+        elif rank is not None or energy is not None or lora_model_class is not None:
+            raise TvbasisError("--rank, --energy and --lora-model-class apply to --as-lora only")
+        from tvbasis.arithmetic.merge import MERGES, MergeSpec, check_merge_options
+
+        check_merge_options(density, drop_rate, seed)
+        if merge not in ("none", *MERGES):
+            raise TvbasisError(f"--merge {merge!r}: choose none, {', '.join(MERGES)}")
+        if merge != "none" and (mode == "atoms" or as_lora):
+            raise TvbasisError(f"--merge {merge} applies to --mode tasks only, and not with --as-lora")
         s = open_store(store)
         if mode == "atoms":
             if add or negate or add_all is not None:
@@ -421,11 +456,31 @@ def edit(
             coefs = task_coefficients(s.decoder, a, scale)
         else:
             raise TvbasisError(f"--mode {mode!r}: choose tasks or atoms")
-        edit_model(base, s, coefs, out_path, overwrite=overwrite, ignore_base_mismatch=ignore_base_mismatch)
+        spec = MergeSpec(merge, a, scale, density, drop_rate, seed) if merge != "none" else None
+        if as_lora:
+            from tvbasis.interop.peft import write_lora_adapter
+
+            report = write_lora_adapter(
+                s,
+                coefs,
+                out_path,
+                base=base,
+                rank=rank,
+                energy=energy,
+                model_class=lora_model_class,
+                overwrite=overwrite,
+                ignore_base_mismatch=ignore_base_mismatch,
+            )
+        else:
+            edit_model(
+                base, s, coefs, out_path, overwrite=overwrite, ignore_base_mismatch=ignore_base_mismatch, merge=spec
+            )
     except TvbasisError as exc:
         _fail(exc)
     if not quiet:
         out.print(f"wrote {out_path}", markup=False, highlight=False, soft_wrap=True)
+        if report is not None:
+            out.print(report.summary(), markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()

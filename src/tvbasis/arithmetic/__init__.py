@@ -8,14 +8,32 @@ from tvbasis.arithmetic.export import (
     reconstruct_task,
     write_task_vector,
 )
+from tvbasis.arithmetic.merge import (
+    MERGES,
+    MergeSpec,
+    TaskMerger,
+    dare_rows,
+    iter_merged,
+    merged_state,
+    ties_merge_rows,
+    ties_thresholds,
+)
 
 __all__ = [
+    "MERGES",
+    "MergeSpec",
+    "TaskMerger",
     "atoms_sum_coefficients",
     "combination_state",
+    "dare_rows",
     "edit_model",
     "iter_combination",
+    "iter_merged",
+    "merged_state",
     "reconstruct_task",
     "task_coefficients",
     "task_weights",
+    "ties_merge_rows",
+    "ties_thresholds",
     "write_task_vector",
 ]

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tvbasis.arithmetic.merge import MergeSpec, TaskMerger
 from tvbasis.engine.streaming import DEFAULT_CHUNK_ELEMENTS
 from tvbasis.errors import CheckpointError, TvbasisError
 from tvbasis.io.checkpoint import BIN_INDEX, SAFETENSORS_INDEX, Checkpoint, open_checkpoint
@@ -146,12 +147,16 @@ def edit_model(
     ignore_base_mismatch: bool = False,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     max_shard_bytes: int = 5 * 1024**3,
+    merge: MergeSpec | None = None,
 ) -> Path:
     """Write ``theta_0 + sum_k c_k s_k`` with the base's layout, streaming tensor chunk by chunk.
 
     Needs only the base and the store. The base must match the store's fingerprint: names,
     shapes and dtypes are checked first; the content hash is computed while streaming and
     checked before the output is given its final name.
+
+    With ``merge``, the delta is ``scale * merge(a_t tau_hat_t)`` (TIES or DARE, see
+    ``arithmetic.merge``) instead, and ``coefficients`` is not used.
     """
     out = Path(out)
     check_output_path(out, overwrite)
@@ -174,6 +179,7 @@ def edit_model(
                 f"{ckpt.path}: tensor {name!r} has shape {list(ckpt.info(name).shape)}, "
                 f"the store's is {list(layout[name].shape)}"
             )
+    merger = TaskMerger(store, merge, chunk_elements) if merge is not None else None
     hasher = ContentHash()
     total = sum(i.numel for i in ckpt.infos())
     with atomic_output(out, overwrite=overwrite, directory=is_dir) as tmp:
@@ -196,7 +202,8 @@ def edit_model(
                 for chunk in plan_chunks([info], chunk_elements):
                     rows = ckpt.read(name) if not info.shape else ckpt.read(name, chunk.start, chunk.stop)
                     hasher.update(tensor_bytes(rows))
-                    delta = store.combination_rows(chunk, coefficients).reshape(rows.shape)
+                    flat = store.combination_rows(chunk, coefficients) if merger is None else merger.rows(chunk)
+                    delta = flat.reshape(rows.shape)
                     writer.write(name, (rows.to(torch.float64) + delta).to(info.dtype))
                     bar.update(chunk.numel)
                 hasher.end_tensor()

@@ -3,5 +3,6 @@
 from __future__ import annotations
 
 from tvbasis.interop.official import UnsafeLoadWarning, import_official_run
+from tvbasis.interop.peft import LoraReport, write_lora_adapter
 
-__all__ = ["UnsafeLoadWarning", "import_official_run"]
+__all__ = ["LoraReport", "UnsafeLoadWarning", "import_official_run", "write_lora_adapter"]

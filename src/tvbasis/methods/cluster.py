@@ -70,6 +70,36 @@ def canonical_labels(labels: np.ndarray) -> np.ndarray:
     return np.array([order[x] for x in labels.tolist()], dtype=np.int64)
 
 
+def magnitude_histogram(X: torch.Tensor) -> torch.Tensor:
+    """Exact counts of ``|X|`` per column in the log-spaced bins, ``(n, _HIST_BINS + 1)`` int64.
+
+    Bin 0 holds exact zeros and anything below the range; bin ``b >= 1`` starts at ``bin_floor(b)``.
+    """
+    T = X.shape[1]
+    hist = torch.zeros((T, _HIST_BINS + 1), dtype=torch.int64)
+    mag = X.abs()
+    idx = torch.floor((torch.log2(mag.clamp(min=2.0**_HIST_LO)) - _HIST_LO) * _HIST_RES).long() + 1
+    idx = torch.where(mag > 0, idx.clamp(1, _HIST_BINS), torch.zeros_like(idx))
+    for t in range(T):
+        hist[t] += torch.bincount(idx[:, t], minlength=_HIST_BINS + 1)
+    return hist
+
+
+def bin_floor(bins: np.ndarray) -> np.ndarray:
+    """Lower edges of histogram bins ``b >= 1`` (Python's ``pow``, one bin at a time)."""
+    return np.asarray([2.0 ** (_HIST_LO + (int(b) - 1) / _HIST_RES) for b in np.ravel(bins)], dtype=np.float64)
+
+
+def threshold_bins(hist: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Per row, the highest non-zero bin ``b`` with at least ``keep`` entries in bins ``>= b`` (1 if none)."""
+    out = []
+    for counts, k in zip(hist, np.broadcast_to(keep, (len(hist),)), strict=True):
+        above = np.cumsum(counts[::-1])[::-1]  # above[b] = entries in bins >= b
+        ok = np.nonzero(above[1:] >= k)[0]  # non-zero bins only
+        out.append((ok[-1] + 1) if ok.size else 1)
+    return np.asarray(out, dtype=np.int64)
+
+
 def ties_merge(X: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     """TIES merge of the columns of ``X`` (numel, n): trim below ``thresholds``, elect sign, disjoint mean."""
     trimmed = torch.where(X.abs() >= thresholds, X, torch.zeros((), dtype=X.dtype))
@@ -106,26 +136,13 @@ class Cluster(BasisMethod):
         return {**super().get_params(), "algorithm": self.algorithm, "merge": self.merge, "density": self.density}
 
     def observe(self, chunk: Chunk, X: torch.Tensor) -> None:
-        T = X.shape[1]
-        if self._hist is None:
-            self._hist = torch.zeros((T, _HIST_BINS + 1), dtype=torch.int64)
-        mag = X.abs()
-        # Bin 0 holds exact zeros and anything below the range.
-        idx = torch.floor((torch.log2(mag.clamp(min=2.0**_HIST_LO)) - _HIST_LO) * _HIST_RES).long() + 1
-        idx = torch.where(mag > 0, idx.clamp(1, _HIST_BINS), torch.zeros_like(idx))
-        for t in range(T):
-            self._hist[t] += torch.bincount(idx[:, t], minlength=_HIST_BINS + 1)
+        hist = magnitude_histogram(X)
+        self._hist = hist if self._hist is None else self._hist + hist
 
     def _thresholds(self) -> np.ndarray:
         assert self._hist is not None
-        out = []
-        for counts in self._hist.numpy():
-            keep = self.density * counts.sum()
-            above = np.cumsum(counts[::-1])[::-1]  # above[b] = entries in bins >= b
-            ok = np.nonzero(above[1:] >= keep)[0]  # non-zero bins only
-            b = (ok[-1] + 1) if ok.size else 1
-            out.append(2.0 ** (_HIST_LO + (b - 1) / _HIST_RES))
-        return np.asarray(out)
+        hist = self._hist.numpy()
+        return bin_floor(threshold_bins(hist, self.density * hist.sum(axis=1)))
 
     def fit(self, gram: np.ndarray) -> Cluster:
         T = gram.shape[0]
