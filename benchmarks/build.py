@@ -307,11 +307,14 @@ def wait_idle(limit_s: float, window_s: float = 3.0, max_busy: float = 0.2) -> N
     print(f"  (the machine stayed busy for {limit_s:.0f} s; measuring anyway)", flush=True)
 
 
-def measure(cmd: list[str], settle_s: float = 0.0) -> Measurement:
+def measure(cmd: list[str], settle_s: float = 0.0, output: Path | None = None) -> Measurement:
     """Run ``cmd``; return its wall seconds, peak RSS (``ru_maxrss`` via ``wait4``), CPU time and stdout.
 
-    With ``settle_s``, first wait up to that long for the machine to be idle.
+    ``output``, the step's output, is removed first, so no step pays for deleting an earlier
+    run's output. With ``settle_s``, first wait up to that long for the machine to be idle.
     """
+    if output is not None:
+        shutil.rmtree(output, ignore_errors=True) if output.is_dir() else output.unlink(missing_ok=True)
     os.sync()  # no writeback of an earlier step's output during this one
     if settle_s > 0:
         wait_idle(settle_s)
@@ -333,10 +336,10 @@ def measure(cmd: list[str], settle_s: float = 0.0) -> Measurement:
     return Measurement(wall, usage.ru_maxrss / 1024, cpu, others, stdout)
 
 
-def run_step(cmd: list[str], repeat: int, settle_s: float) -> Measurement:
+def run_step(cmd: list[str], repeat: int, settle_s: float, output: Path | None = None) -> Measurement:
     """The run with the best wall time of ``repeat`` (timings on a shared machine are noisy),
     with the largest peak RSS of them all."""
-    runs = [measure(cmd, settle_s) for _ in range(repeat)]
+    runs = [measure(cmd, settle_s, output) for _ in range(repeat)]
     best = min(runs, key=lambda m: m.wall_s)
     best.peak_rss_mb = max(m.peak_rss_mb for m in runs)
     return best
@@ -369,15 +372,15 @@ def bench_size(
         cmd = python_cmd("-m", "tvbasis.cli", "build", "--base", str(base))
         for t, path in enumerate(tasks):
             cmd += ["--task", f"t{t:02d}={path}"]
-        cmd += ["--method", method, "-M", str(n_atoms), "--out", str(store), "--overwrite", "--quiet"]
+        cmd += ["--method", method, "-M", str(n_atoms), "--out", str(store), "--quiet"]
         if method == "autoencoder" and steps is not None:
             cmd += ["--steps", str(steps)]
-        note(f"build {method}", run_step(cmd, repeat, settle_s))
+        note(f"build {method}", run_step(cmd, repeat, settle_s, output=store))
         shutil.rmtree(store, ignore_errors=True)
 
     dense_out = work / f"T{n_tasks}-dense.safetensors"
     args = json.dumps({"base": str(base), "tasks": [str(p) for p in tasks], "n_atoms": n_atoms, "out": str(dense_out)})
-    note("dense baseline", run_step(python_cmd(__file__, "_dense", args), repeat, settle_s), inner=True)
+    note("dense baseline", run_step(python_cmd(__file__, "_dense", args), repeat, settle_s, dense_out), inner=True)
     dense_out.unlink(missing_ok=True)
     return results
 

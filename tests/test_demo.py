@@ -65,3 +65,30 @@ def test_demo_cli_quick_prints_the_table(quick: tuple[dict, Path], tmp_path: Pat
     )
     assert result.exit_code == 0, result.output
     assert "full task vectors" in result.output and "report:" in result.output
+
+
+@pytest.mark.slow
+def test_suite_compares_merges_with_plain_addition(quick: tuple[dict, Path], tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    _, root = quick  # reuses the cached fine-tunes
+    base = quick_config(tmp_path / "o", root / "cache")
+    cfg = replace(
+        base,
+        methods=("pca",),
+        atoms_mode_methods=(),
+        merges=("ties", "dare"),
+        merge_methods=("pca",),
+        negation_targets=(),
+    )
+    results = run_suite(cfg, log=lambda _: None)
+    rows = results["addition"]
+    assert {"pca M=2", "pca M=2 + ties", "pca M=2 + dare"} <= set(rows)
+    zs_val = results["zero_shot"]["val"]
+    ft_val = results["finetuned"]["val"]
+    for label in ("pca M=2 + ties", "pca M=2 + dare"):
+        row = rows[label]
+        # lambda 0 is the base itself; every lambda was tried on validation; test accuracies are real
+        assert row["val_curve"][0.0] == pytest.approx(np.mean([zs_val[n] / ft_val[n] for n in zs_val]))
+        assert len(row["val_curve"]) >= 6 and all(0.0 <= a <= 1.0 for a in row["test"].values())
+    assert results["negation"] == {}

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from tvbasis.arithmetic import atoms_sum_coefficients, combination_state, task_coefficients, task_weights
+from tvbasis.arithmetic.merge import MergeSpec, merged_state
 from tvbasis.build import build_store
 from tvbasis.errors import TvbasisError
 from tvbasis.evaluation import (
@@ -57,6 +58,8 @@ class SuiteConfig:
     methods: tuple[str, ...] = ("autoencoder", "pca", "sample")
     n_atoms: tuple[int, ...] = (2, 4)
     atoms_mode_methods: tuple[str, ...] = ("autoencoder",)
+    merges: tuple[str, ...] = ()  # also add with TIES / DARE merges over these methods' reconstructions
+    merge_methods: tuple[str, ...] = ()
     method_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     negation_targets: tuple[str, ...] = ("word_sent", "lang_id", "name_gender")
     negation_methods: tuple[str, ...] | None = None  # None: every method in ``methods``
@@ -202,6 +205,16 @@ def run_suite(config: SuiteConfig, log: Log = print) -> dict[str, Any]:
                 lambda a, s=store: combination_state(s, task_coefficients(s.decoder, a)),
             )
         )
+        for merge in config.merges if method in config.merge_methods else ():
+            edits.append(
+                _Edit(
+                    f"{method} M={m} + {merge}",
+                    f"{method} + {merge}",
+                    m,
+                    ratio,
+                    lambda a, s=store, merge=merge: merged_state(s, MergeSpec(merge, a)),
+                )
+            )
         if method in config.atoms_mode_methods:
             edits.append(
                 _Edit(
