@@ -17,9 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.cluster.hierarchy import cut_tree, linkage
-from scipy.cluster.vq import kmeans2
-from scipy.spatial.distance import squareform
 
 from tvbasis.errors import TvbasisError
 from tvbasis.methods.base import BasisMethod, least_squares_decoder
@@ -39,6 +36,9 @@ def cosine_matrix(gram: np.ndarray) -> np.ndarray:
 def agglomerative_labels(cos: np.ndarray, n_clusters: int) -> np.ndarray:
     dist = 1.0 - cos
     np.fill_diagonal(dist, 0.0)
+    from scipy.cluster.hierarchy import cut_tree, linkage  # imported here: 0.2 s every build would pay
+    from scipy.spatial.distance import squareform
+
     Z = linkage(squareform(np.clip((dist + dist.T) / 2, 0.0, None), checks=False), method="average")
     return cut_tree(Z, n_clusters=n_clusters).ravel()
 
@@ -52,6 +52,8 @@ def spectral_labels(cos: np.ndarray, n_clusters: int, seed: int) -> np.ndarray:
     _, vecs = np.linalg.eigh(lap)
     emb = vecs[:, :n_clusters]
     emb = emb / np.clip(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12, None)
+    from scipy.cluster.vq import kmeans2
+
     _, labels = kmeans2(emb, n_clusters, minit="++", seed=seed)
     # k-means may leave a cluster empty: give it the task farthest from its own centroid.
     for k in range(n_clusters):
