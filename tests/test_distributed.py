@@ -130,3 +130,55 @@ def test_cli_build_with_the_dask_engine(family, tmp_path: Path) -> None:
         app, [*args, "--out", str(tmp_path / "x"), "--engine", "dask", "--scheduler", "tcp://127.0.0.1:1"]
     )
     assert r.exit_code == 2 and "cannot connect" in r.output and not (tmp_path / "x").exists()
+
+
+def test_inputs_given_as_urls_build_the_same_store(family, dask_engine, tmp_path: Path) -> None:
+    """fsspec URLs: an in-memory file system read by this process, file:// URLs read by the workers."""
+    import fsspec
+
+    from tvbasis.tasks import TaskSource
+
+    mem = fsspec.filesystem("memory")
+    for src in [family.base, *(t.path for t in family.tasks)]:
+        mem.pipe(f"/fam-{tmp_path.name}/{src.name}", src.read_bytes())
+    url = f"memory:///fam-{tmp_path.name}"
+    tasks = [TaskSource(t.name, f"{url}/{t.path.name}") for t in family.tasks]
+    local = build_store(family.base, family.tasks, make_method("pca", 2), tmp_path / "l", exclude=EXCLUDE)
+    remote = build_store(f"{url}/{family.base.name}", tasks, make_method("pca", 2), tmp_path / "m", exclude=EXCLUDE)
+    _same_store(local.path, remote.path)
+    assert remote.manifest["tasks"][0]["source"].startswith("memory://")
+
+    file_tasks = [TaskSource(t.name, f"file://{t.path}") for t in family.tasks]
+    on_workers = build_store(
+        f"file://{family.base}",
+        file_tasks,
+        make_method("pca", 2),
+        tmp_path / "w",
+        exclude=EXCLUDE,
+        engine=dask_engine,
+    )
+    local_parts = build_store(
+        family.base,
+        family.tasks,
+        make_method("pca", 2),
+        tmp_path / "lp",
+        exclude=EXCLUDE,
+        engine=LocalEngine(PARTITION),
+    )
+    _same_store(local_parts.path, on_workers.path)
+
+
+def test_url_inputs_that_cannot_be_read_are_clear_errors(tmp_path: Path) -> None:
+    import fsspec
+
+    from tvbasis.io import open_checkpoint
+
+    mem = fsspec.filesystem("memory")
+    mem.pipe(f"/bad-{tmp_path.name}/model.pt", b"not a pickle")
+    with pytest.raises(TvbasisError, match="local paths only"):
+        open_checkpoint(f"memory:///bad-{tmp_path.name}/model.pt")
+    with pytest.raises(TvbasisError, match="no such file"):
+        open_checkpoint(f"memory:///bad-{tmp_path.name}/missing.safetensors")
+    mem.pipe(f"/bad-{tmp_path.name}/cut.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+    with pytest.raises(TvbasisError, match=r"cut\.safetensors"):
+        open_checkpoint(f"memory:///bad-{tmp_path.name}/cut.safetensors")

@@ -35,6 +35,7 @@ from tvbasis.build import finalise_store
 from tvbasis.engine.streaming import DEFAULT_CHUNK_ELEMENTS, GramStats, gram_pass
 from tvbasis.errors import TvbasisError
 from tvbasis.io.outputs import atomic_output, check_output_path
+from tvbasis.io.paths import as_input_path
 from tvbasis.methods import METHODS
 from tvbasis.methods.base import least_squares_decoder
 from tvbasis.store.format import ATOMS_DIR, MATRICES, Store, open_store, save_matrices
@@ -49,11 +50,11 @@ def _open(store: Store | str | Path) -> Store:
 
 
 def _sources(store: Store) -> list[TaskSource]:
-    return [TaskSource(t["name"], Path(t["source"])) for t in store.manifest["tasks"]]
+    return [TaskSource(t["name"], as_input_path(t["source"])) for t in store.manifest["tasks"]]
 
 
 def _base_path(store: Store, base: str | Path | None) -> Path:
-    return Path(base) if base is not None else Path(store.manifest["base"]["source"])
+    return as_input_path(base if base is not None else store.manifest["base"]["source"])
 
 
 def _check_same_tensors(store: Store, tvs: TaskVectorSet, new: TaskSource) -> None:

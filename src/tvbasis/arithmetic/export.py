@@ -15,6 +15,7 @@ from tvbasis.errors import CheckpointError, TvbasisError
 from tvbasis.io.checkpoint import BIN_INDEX, SAFETENSORS_INDEX, Checkpoint, open_checkpoint
 from tvbasis.io.hashing import CONTENT_HASH, ContentHash
 from tvbasis.io.outputs import atomic_output, check_output_path
+from tvbasis.io.paths import is_remote
 from tvbasis.io.writer import SafetensorsStreamWriter, ShardedWriter, TensorSpec, shard_plan, tensor_bytes
 from tvbasis.progress import progress
 from tvbasis.store.format import Store
@@ -161,6 +162,8 @@ def edit_model(
     out = Path(out)
     check_output_path(out, overwrite)
     ckpt = open_checkpoint(base)
+    if is_remote(ckpt.path):
+        raise TvbasisError(f"{ckpt.path}: edit reads a local base only (it copies its layout and side files)")
     if not ignore_base_mismatch:
         check_base_layout(store, ckpt)
         algorithm = store.manifest.get("content_hash_algorithm")

@@ -45,14 +45,14 @@ from tvbasis.tasks.taskvectors import PARTITION_ELEMENTS, TaskSource, TaskVector
 class TaskVectorSpec:
     """What a worker needs to open the same task vectors: paths and the tensor selection."""
 
-    base: Path
+    base: Path  # or a UPath: workers open URLs themselves
     sources: tuple[TaskSource, ...]
     include: tuple[str, ...]
     exclude: tuple[str, ...]
 
     @classmethod
     def of(cls, tvs: TaskVectorSet) -> TaskVectorSpec:
-        return cls(Path(tvs.base.path), tuple(tvs.sources), tuple(tvs.include), tuple(tvs.exclude))
+        return cls(tvs.base.path, tuple(tvs.sources), tuple(tvs.include), tuple(tvs.exclude))
 
     def open(self, tensors: Sequence[str]) -> TaskVectorSet:
         return TaskVectorSet(self.base, self.sources, self.include, self.exclude, only=tensors)

@@ -31,6 +31,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from tvbasis.errors import CheckpointError
+from tvbasis.io.paths import as_input_path, is_remote
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -234,7 +235,7 @@ class Checkpoint:
         with self._lock:
             if self._file is None or self._file[0] != file:
                 self._close_file()
-                self._file = (file, open(file, "rb", buffering=0))
+                self._file = (file, file.open("rb") if is_remote(file) else open(file, "rb", buffering=0))
             f = self._file[1]
             f.seek(offset)
             done = 0
@@ -344,8 +345,11 @@ def _index_files(index: Path) -> list[Path]:
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
-    """Open a checkpoint lazily; raise ``CheckpointError`` naming the path if it cannot be read."""
-    path = Path(path)
+    """Open a checkpoint lazily; raise ``CheckpointError`` naming the path if it cannot be read.
+
+    ``path`` may be a URL of an fsspec file system (safetensors files and directories only).
+    """
+    path = as_input_path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     if path.is_dir():
@@ -356,6 +360,8 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         if (path / "model.safetensors").is_file():
             file = path / "model.safetensors"
             return Checkpoint(path, _safetensors_infos([file]), "hf-safetensors")
+        if is_remote(path) and ((path / BIN_INDEX).is_file() or (path / "pytorch_model.bin").is_file()):
+            raise CheckpointError(f"{path}: torch weights are read from local paths only; use safetensors")
         if (path / BIN_INDEX).is_file():
             index = path / BIN_INDEX
             return _torch_checkpoint(path, _index_files(index), "hf-sharded-bin", index)
@@ -368,6 +374,8 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     if path.suffix == ".safetensors":
         return Checkpoint(path, _safetensors_infos([path]), "safetensors")
     if path.suffix in TORCH_SUFFIXES:
+        if is_remote(path):
+            raise CheckpointError(f"{path}: torch files are read from local paths only; convert it to safetensors")
         return _torch_checkpoint(path, [path], "torch", None)
     raise CheckpointError(
         f"{path}: unknown checkpoint format (expected .safetensors, a torch file "

@@ -19,6 +19,7 @@ import torch
 
 from tvbasis.errors import CheckpointError, TvbasisError
 from tvbasis.io.checkpoint import Checkpoint, TensorInfo, open_checkpoint
+from tvbasis.io.paths import as_input_path
 
 TASK_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
@@ -28,7 +29,7 @@ class TaskSource:
     """A named fine-tune: where its checkpoint lives."""
 
     name: str
-    path: Path
+    path: Path  # or a UPath for a URL (``tvbasis.io.paths``)
 
 
 def parse_task_arg(arg: str) -> TaskSource:
@@ -37,7 +38,7 @@ def parse_task_arg(arg: str) -> TaskSource:
     if not sep or not name or not path:
         raise TvbasisError(f"--task {arg!r}: expected NAME=PATH")
     check_task_name(name)
-    return TaskSource(name, Path(path))
+    return TaskSource(name, as_input_path(path))
 
 
 def check_task_name(name: str) -> None:
