@@ -102,7 +102,22 @@ def test_worker_errors_reach_the_caller(family, dask_engine, tmp_path: Path) -> 
 
 def test_unreachable_scheduler_is_a_clear_error() -> None:
     with pytest.raises(TvbasisError, match="cannot connect"):
+        DaskEngine(scheduler="tcp://127.0.0.1:1", trust_scheduler=True)
+
+
+def test_an_external_scheduler_needs_an_explicit_trust_flag(family, tmp_path: Path) -> None:
+    """Dask unpickles what its workers send: no connection is even tried without the opt-in."""
+    from typer.testing import CliRunner
+
+    from tvbasis.cli import app
+
+    with pytest.raises(TvbasisError, match="--trust-scheduler"):
         DaskEngine(scheduler="tcp://127.0.0.1:1")
+    args = ["build", "--base", str(family.base), "--method", "pca", "-M", "2", "--exclude", "head.*"]
+    args += ["--task", f"task0={family.tasks[0].path}", "--out", str(tmp_path / "x")]
+    r = CliRunner().invoke(app, [*args, "--engine", "dask", "--scheduler", "tcp://127.0.0.1:1"])
+    assert r.exit_code == 2 and "--trust-scheduler" in r.output and "cannot connect" not in r.output
+    assert not (tmp_path / "x").exists()
 
 
 def test_methods_that_observe_the_data_are_refused(family, dask_engine, tmp_path: Path) -> None:
@@ -127,7 +142,17 @@ def test_cli_build_with_the_dask_engine(family, tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     _same_store(tmp_path / "d", tmp_path / "l")
     r = CliRunner().invoke(
-        app, [*args, "--out", str(tmp_path / "x"), "--engine", "dask", "--scheduler", "tcp://127.0.0.1:1"]
+        app,
+        [
+            *args,
+            "--out",
+            str(tmp_path / "x"),
+            "--engine",
+            "dask",
+            "--scheduler",
+            "tcp://127.0.0.1:1",
+            "--trust-scheduler",
+        ],
     )
     assert r.exit_code == 2 and "cannot connect" in r.output and not (tmp_path / "x").exists()
 

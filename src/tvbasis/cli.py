@@ -70,11 +70,11 @@ def _fail(exc: TvbasisError) -> None:
     raise typer.Exit(2)
 
 
-def _engine(name: str, scheduler: str | None, workers: int | None) -> Any:
+def _engine(name: str, scheduler: str | None, workers: int | None, trust_scheduler: bool = False) -> Any:
     """The engine ``--engine`` names (a connected Dask client for dask)."""
     if name == "local":
-        if scheduler is not None or workers is not None:
-            raise TvbasisError("--scheduler and --workers apply to --engine dask only")
+        if scheduler is not None or workers is not None or trust_scheduler:
+            raise TvbasisError("--scheduler, --trust-scheduler and --workers apply to --engine dask only")
         from tvbasis.engine.streaming import LocalEngine
 
         return LocalEngine()
@@ -83,7 +83,7 @@ def _engine(name: str, scheduler: str | None, workers: int | None) -> Any:
 
         if workers is not None and workers < 1:
             raise TvbasisError(f"--workers {workers}: must be at least 1")
-        return DaskEngine(scheduler, n_workers=workers)
+        return DaskEngine(scheduler, n_workers=workers, trust_scheduler=trust_scheduler)
     raise TvbasisError(f"--engine {name!r}: choose local or dask")
 
 
@@ -130,6 +130,12 @@ def build(
         str | None, typer.Option(help="[dask] scheduler address; without it a local cluster is started.")
     ] = None,
     workers: Annotated[int | None, typer.Option(help="[dask] workers of the local cluster (one per core).")] = None,
+    trust_scheduler: Annotated[
+        bool,
+        typer.Option(
+            "--trust-scheduler", help="[dask] use --scheduler although Dask exchanges pickles with it (trusted only)."
+        ),
+    ] = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -177,7 +183,7 @@ def build(
         if wrong and method_name in METHOD_OPTIONS:
             raise TvbasisError(f"option {wrong[0]!r} does not apply to --method {method_name}")
         est = make_method(method_name, m, **settings)
-        runner = _engine(engine, scheduler, workers)
+        runner = _engine(engine, scheduler, workers, trust_scheduler)
         try:
             store = build_store(
                 base_path,

@@ -101,14 +101,27 @@ def _add(total: Sums | None, part: Sums | None) -> Sums | None:
 
 class DaskEngine:
     """Runs the passes on a Dask cluster: ``scheduler`` is its address, or None for a local
-    cluster of ``n_workers`` single-threaded worker processes (default: one per core)."""
+    cluster of ``n_workers`` single-threaded worker processes (default: one per core).
+
+    Dask moves pickled Python objects: this process unpickles what the workers send back, and
+    the workers run the functions sent to them. A cluster this engine starts is its own; an
+    external ``scheduler`` is used only with ``trust_scheduler=True`` (``--trust-scheduler``),
+    the same explicit opt-in tvbasis asks before loading any pickle that can run code.
+    """
 
     def __init__(
         self,
         scheduler: str | None = None,
         n_workers: int | None = None,
         partition_elements: int = PARTITION_ELEMENTS,
+        trust_scheduler: bool = False,
     ) -> None:
+        if scheduler is not None and not trust_scheduler:
+            raise TvbasisError(
+                f"--scheduler {scheduler}: a Dask cluster exchanges pickles with this process (results are "
+                f"unpickled here, code runs on its workers), so it is not used unless you trust it: "
+                f"pass --trust-scheduler"
+            )
         try:
             from distributed import Client, LocalCluster
         except ImportError:
