@@ -7,12 +7,12 @@ import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from tvbasis import __version__
-from tvbasis.engine.streaming import DEFAULT_CHUNK_ELEMENTS, AtomStats, GramStats, LocalEngine
+from tvbasis.engine.streaming import DEFAULT_CHUNK_ELEMENTS, AtomStats, Engine, GramStats, LocalEngine
 from tvbasis.errors import TvbasisError
 from tvbasis.io.checkpoint import Checkpoint
 from tvbasis.io.hashing import CONTENT_HASH, ContentHash
@@ -33,11 +33,8 @@ from tvbasis.store.format import (
     vector_names,
 )
 from tvbasis.store.metrics import reconstruction_metrics
-from tvbasis.store.quantize import check_store_dtype, is_quantized, scale_name
+from tvbasis.store.quantize import check_scale_names, check_store_dtype
 from tvbasis.tasks.taskvectors import TaskSource, TaskVectorSet
-
-if TYPE_CHECKING:
-    from tvbasis.engine.distributed import DaskEngine
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 
@@ -86,7 +83,7 @@ def build_store(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     overwrite: bool = False,
     known: GramStats | None = None,
-    engine: LocalEngine | DaskEngine | None = None,
+    engine: Engine | None = None,
 ) -> Store:
     """Compress the task vectors of ``tasks`` (relative to ``base``) into a store at ``out``.
 
@@ -107,7 +104,9 @@ def build_store(
     check_output_path(out, overwrite)
     tvs = TaskVectorSet(base, tasks, include, exclude)
     method.check_n_tasks(tvs.n_tasks)
-    _check_scale_names(tvs, dtype)
+    check_scale_names(
+        {i.name: i.shape for i in tvs.tensors}, dtype, tvs.base.path, "exclude one of them or choose another --dtype"
+    )
 
     hashers = None
     if known is not None and not method.observes and method.stores_atoms:
@@ -185,16 +184,6 @@ def _check_hashes(tvs: TaskVectorSet, known: GramStats, hashes: list[str]) -> No
             raise TvbasisError(f"{path}: its weights changed since the store's Gram matrix was computed")
 
 
-def _check_scale_names(tvs: TaskVectorSet, dtype: str) -> None:
-    names = {i.name for i in tvs.tensors}
-    for info in tvs.tensors:
-        if is_quantized(dtype, info.shape) and scale_name(info.name) in names:
-            raise TvbasisError(
-                f"tensor {scale_name(info.name)!r} of {tvs.base.path} clashes with the int8 scales of "
-                f"{info.name!r}; exclude one of them or choose another --dtype"
-            )
-
-
 def finalise_store(tmp: Path, manifest: dict[str, Any]) -> None:
     """Write the model card and, last, the manifest; byte counts include both of them.
 
@@ -233,7 +222,7 @@ def _write_atoms(
     measure: bool,
     measure_unrounded: bool = False,
     hashers: list[ContentHash] | None = None,
-    engine: LocalEngine | DaskEngine | None = None,
+    engine: Engine | None = None,
 ) -> AtomStats | None:
     """Write the atoms; with ``measure``, also return the inner products of the atoms as stored
     (and with ``measure_unrounded``, of the atoms before rounding to the store dtype)."""
@@ -264,21 +253,7 @@ def _manifest(
     vectors: list[dict[str, Any]],
 ) -> dict[str, Any]:
     return {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "tvbasis_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "method": {
-            "name": method.name,
-            "params": method.get_params(),
-            "state": method.state_scalars(),
-            "report": method.report(),
-        },
-        "n_atoms": method.n_atoms,
-        "n_tasks": tvs.n_tasks,
-        "n_vectors": method.n_vectors,
-        "has_mean": method.has_mean_,
-        "dim": tvs.dim,
+        **manifest_header(method, tvs.n_tasks, tvs.dim),
         "tasks": [
             {
                 "name": src.name,
@@ -295,6 +270,29 @@ def _manifest(
         "content_hash_algorithm": CONTENT_HASH,
         "base": base_fingerprint(tvs.base, base_hash),
         "atoms": {"stored": method.stores_atoms, "dtype": dtype, "vectors": vectors},
+    }
+
+
+def manifest_header(
+    method: BasisMethod, n_tasks: int, dim: int, report: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The manifest's format, version, method (settings, fitted state, ``report``) and sizes."""
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "tvbasis_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "method": {
+            "name": method.name,
+            "params": method.get_params(),
+            "state": method.state_scalars(),
+            "report": method.report() if report is None else report,
+        },
+        "n_atoms": method.n_atoms,
+        "n_tasks": n_tasks,
+        "n_vectors": method.n_vectors,
+        "has_mean": method.has_mean_,
+        "dim": dim,
     }
 
 

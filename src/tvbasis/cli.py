@@ -10,7 +10,7 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import typer
@@ -20,6 +20,9 @@ from rich.table import Table
 
 from tvbasis.errors import TvbasisError
 from tvbasis.progress import set_quiet
+
+if TYPE_CHECKING:
+    from tvbasis.engine.streaming import Engine
 
 app = typer.Typer(
     add_completion=False,
@@ -64,13 +67,18 @@ def _log(line: str) -> None:
     err.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
+def _say(line: str) -> None:
+    """A result line on standard output, as plain text (paths may hold "[...]")."""
+    out.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
 def _fail(exc: TvbasisError) -> None:
     # Escaped: paths and tensor names may contain "[...]", which rich would take for markup and drop.
     err.print(f"[bold red]error:[/] {escape(_one_line(str(exc)))}", highlight=False, soft_wrap=True, emoji=False)
     raise typer.Exit(2)
 
 
-def _engine(name: str, scheduler: str | None, workers: int | None, trust_scheduler: bool = False) -> Any:
+def _engine(name: str, scheduler: str | None, workers: int | None, trust_scheduler: bool = False) -> Engine:
     """The engine ``--engine`` names (a connected Dask client for dask)."""
     if name == "local":
         if scheduler is not None or workers is not None or trust_scheduler:
@@ -275,10 +283,11 @@ def reconstruct(
     except TvbasisError as exc:
         _fail(exc)
     if not quiet:
-        out.print(f"wrote {out_path}", markup=False, highlight=False, soft_wrap=True)
+        _say(f"wrote {out_path}")
 
 
 StoreArg = Annotated[Path, typer.Argument(help="Store directory.")]
+RecordedBase = Annotated[str | None, typer.Option(help="Base checkpoint or URL (default: the one the store records).")]
 UpdateOut = Annotated[
     Path | None, typer.Option("--out", help="Write the updated store here instead of updating STORE in place.")
 ]
@@ -288,7 +297,7 @@ UpdateOut = Annotated[
 def add_task_command(
     store: StoreArg,
     task: Annotated[str, typer.Option(help="The new fine-tune as NAME=PATH.")],
-    base: Annotated[Path | None, typer.Option(help="Base checkpoint (default: the one the store records).")] = None,
+    base: RecordedBase = None,
     out_path: UpdateOut = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
@@ -307,12 +316,9 @@ def add_task_command(
             "warning: the inputs of " + ", ".join(added.missing_inputs) + " were not found, so the store lacks "
             f"their inner products with {added.name!r}; a refit will read everything twice"
         )
-    out.print(
+    _say(
         f"added {added.name} to {updated.path}: relative error {added.rel_error:.4f}, cosine {added.cosine:.4f} "
-        f"({updated.n_tasks} tasks, M = {updated.n_atoms})",
-        markup=False,
-        highlight=False,
-        soft_wrap=True,
+        f"({updated.n_tasks} tasks, M = {updated.n_atoms})"
     )
 
 
@@ -330,18 +336,13 @@ def remove_task_command(
         updated = remove_task(store, task, out=out_path, overwrite=overwrite)
     except TvbasisError as exc:
         _fail(exc)
-    out.print(
-        f"removed {task} from {updated.path} ({updated.n_tasks} tasks left)",
-        markup=False,
-        highlight=False,
-        soft_wrap=True,
-    )
+    _say(f"removed {task} from {updated.path} ({updated.n_tasks} tasks left)")
 
 
 @app.command("refit")
 def refit_command(
     store: StoreArg,
-    base: Annotated[Path | None, typer.Option(help="Base checkpoint (default: the one the store records).")] = None,
+    base: RecordedBase = None,
     out_path: UpdateOut = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
@@ -355,12 +356,7 @@ def refit_command(
         updated = refit(store, base=base, out=out_path, overwrite=overwrite)
     except TvbasisError as exc:
         _fail(exc)
-    out.print(
-        f"refitted {updated.path}: {updated.n_tasks} tasks, M = {updated.n_atoms}",
-        markup=False,
-        highlight=False,
-        soft_wrap=True,
-    )
+    _say(f"refitted {updated.path}: {updated.n_tasks} tasks, M = {updated.n_atoms}")
 
 
 def _parse_add(items: list[str]) -> dict[str, float]:
@@ -484,9 +480,9 @@ def edit(
     except TvbasisError as exc:
         _fail(exc)
     if not quiet:
-        out.print(f"wrote {out_path}", markup=False, highlight=False, soft_wrap=True)
+        _say(f"wrote {out_path}")
         if report is not None:
-            out.print(report.summary(), markup=False, highlight=False, soft_wrap=True)
+            _say(report.summary())
 
 
 @app.command()

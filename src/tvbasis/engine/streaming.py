@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -373,6 +373,31 @@ def atom_stats_from_sums(sums: Sums, unrounded: Sums | None) -> AtomStats:
     """``AtomStats`` from the raw sums of the atom pass (``S^T S`` symmetrised here)."""
     raw = unrounded
     return AtomStats(symmetrised(sums[0]), sums[1], None if raw is None else (symmetrised(raw[0]), raw[1]))
+
+
+class Engine(Protocol):
+    """What runs the two passes: :class:`LocalEngine` or the distributed ``DaskEngine``."""
+
+    def gram_pass(
+        self,
+        tvs: TaskVectorSet,
+        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        observe: Observer | None = None,
+        hash_inputs: bool = True,
+    ) -> GramStats: ...
+
+    def atom_pass(
+        self,
+        tvs: TaskVectorSet,
+        atoms: AtomFunction,
+        sink: AtomSink,
+        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        measure: bool = True,
+        measure_unrounded: bool = False,
+        hashers: Sequence[ContentHash] | None = None,
+    ) -> AtomStats | None: ...
+
+    def close(self) -> None: ...
 
 
 class LocalEngine:

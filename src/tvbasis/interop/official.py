@@ -36,7 +36,6 @@ execution (a pickle of other objects) is refused unless ``trust_pickle`` is set.
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import math
 import pickle
@@ -51,32 +50,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from tvbasis import __version__
-from tvbasis.build import DEFAULT_MAX_SHARD_BYTES, finalise_store
+from tvbasis.build import DEFAULT_MAX_SHARD_BYTES, finalise_store, manifest_header
 from tvbasis.engine.streaming import DEFAULT_CHUNK_ELEMENTS
 from tvbasis.errors import TvbasisError
+from tvbasis.io.checkpoint import TensorInfo
 from tvbasis.io.outputs import atomic_output, check_output_path
-from tvbasis.io.writer import ShardedWriter, TensorSpec, shard_plan
 from tvbasis.methods import PCA, Autoencoder, BasisMethod
+from tvbasis.store.atoms import AtomWriter
 from tvbasis.store.format import (
     ATOMS_DIR,
-    FORMAT_NAME,
-    FORMAT_VERSION,
     MATRICES,
     Store,
     open_store,
     save_matrices,
     vector_names,
 )
-from tvbasis.store.quantize import (
-    check_store_dtype,
-    dequantize_rows,
-    is_quantized,
-    quantize_rows,
-    scale_name,
-    value_dtype,
-)
-from tvbasis.tasks.taskvectors import check_task_name
+from tvbasis.store.quantize import check_scale_names, check_store_dtype
+from tvbasis.tasks.taskvectors import check_task_name, plan_chunks
 
 INFO_FILE = "method_info.json"
 BASIS_FILE = "basis_vectors.pt"
@@ -473,7 +463,7 @@ def import_official_run(
     if run_dir.is_dir() and out.resolve() == run_dir.resolve():
         raise TvbasisError(f"--out {out}: that is the run directory itself; choose another path")
     run = read_official_run(run_dir, trust_pickle=trust_pickle)
-    _check_scale_names(run.layout, dtype)
+    check_scale_names({name: shape for name, shape, _ in run.layout}, dtype, BASIS_FILE)
     method = run.method
     names = vector_names(method.n_atoms, method.has_mean_)
     T, K = len(run.tasks), len(names)
@@ -492,95 +482,36 @@ def import_official_run(
     return open_store(out)
 
 
-def _check_scale_names(layout: Layout, dtype: str) -> None:
-    names = {name for name, _, _ in layout}
-    for name, shape, _ in layout:
-        if is_quantized(dtype, shape) and scale_name(name) in names:
-            raise TvbasisError(
-                f"tensor {scale_name(name)!r} of {BASIS_FILE} clashes with the int8 scales of {name!r}; "
-                f"choose another --dtype"
-            )
-
-
 def _write_vectors(
     tmp: Path, names: list[str], run: OfficialRun, dtype: str, max_shard_bytes: int, chunk_elements: int
 ) -> tuple[list[dict[str, Any]], np.ndarray]:
     """Write the K vectors as the store's atom files; return their entries and ``S^T S`` as stored."""
-    (tmp / ATOMS_DIR).mkdir()
-    specs: list[TensorSpec] = []
-    for name, shape, _ in run.layout:
-        specs.append(TensorSpec(name, shape, value_dtype(dtype, shape)))
-        if is_quantized(dtype, shape):
-            specs.append(TensorSpec(scale_name(name), shape[:1], torch.float32))
-    entries: list[dict[str, Any]] = []
-    writers: list[ShardedWriter] = []
-    for vname in names:
-        plan = shard_plan(specs, max_shard_bytes, stem=vname)
-        writers.append(ShardedWriter(tmp / ATOMS_DIR, plan, metadata={"tvbasis_vector": vname}))
-        entries.append({"name": vname, "files": [f"{ATOMS_DIR}/{f}" for f, _ in plan]})
+    shapes = {name: shape for name, shape, _ in run.layout}
+    writer = AtomWriter(tmp / ATOMS_DIR, names, shapes, dtype, max_shard_bytes)
+    writer.create()
+    infos = [TensorInfo(name, shape, dt, tmp) for name, shape, dt in run.layout]
     atom_gram = np.zeros((len(names), len(names)))
     try:
-        for name, shape, _ in run.layout:
-            n_rows = shape[0] if shape else 1
-            stored: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # (n_rows, row_numel) values, int8 scales
-            for writer, vec, label in zip(writers, run.vectors, run.labels, strict=True):
-                x = vec[name].detach()
-                if not torch.isfinite(x).all():
-                    raise TvbasisError(f"{label}: tensor {name!r} has non-finite values")
-                if is_quantized(dtype, shape):
-                    q, scale = quantize_rows(x.reshape(n_rows, -1))
-                    writer.write(name, q.reshape(shape))
-                    writer.write(scale_name(name), scale)
-                    stored.append((q, scale))
-                else:
-                    values = x.to(value_dtype(dtype, shape))
-                    writer.write(name, values)
-                    stored.append((values.reshape(n_rows, -1), None))
-            atom_gram += _inner_products(stored, chunk_elements)
-    except BaseException:
-        for w in writers:
-            w.abort()
-        raise
-    for w in writers:
-        w.close()
-    return entries, (atom_gram + atom_gram.T) / 2
-
-
-def _inner_products(stored: list[tuple[torch.Tensor, torch.Tensor | None]], chunk_elements: int) -> np.ndarray:
-    """``X^T X`` of one tensor of the K vectors as stored, a block of rows at a time, in float64."""
-    n_rows, row_numel = stored[0][0].shape
-    step = max(1, chunk_elements // max(1, row_numel * len(stored)))
-    out = np.zeros((len(stored), len(stored)))
-    for start in range(0, n_rows, step):
-        stop = min(start + step, n_rows)
-        cols = [
-            (dequantize_rows(v[start:stop], s[start:stop]) if s is not None else v[start:stop].to(torch.float64))
-            for v, s in stored
-        ]
-        X = torch.stack([c.reshape(-1) for c in cols], dim=1)
-        out += (X.T @ X).numpy()
-    return out
+        for chunk in plan_chunks(infos, chunk_elements):
+            cols = []
+            for vec, label in zip(run.vectors, run.labels, strict=True):
+                x = vec[chunk.tensor].detach()
+                rows = x[chunk.start : chunk.stop] if x.dim() else x
+                if not torch.isfinite(rows).all():
+                    raise TvbasisError(f"{label}: tensor {chunk.tensor!r} has non-finite values")
+                cols.append(rows.reshape(-1))
+            stored = writer(chunk, torch.stack(cols, dim=1)).to(torch.float64)
+            atom_gram += (stored.T @ stored).numpy()
+    finally:
+        writer.close()
+    return writer.vectors(ATOMS_DIR), (atom_gram + atom_gram.T) / 2
 
 
 def _manifest(run_dir: Path, run: OfficialRun, dtype: str, vectors: list[dict[str, Any]]) -> dict[str, Any]:
     method = run.method
     layout = [[name, list(shape), str(dt).removeprefix("torch.")] for name, shape, dt in run.layout]
     return {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "tvbasis_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "method": {
-            "name": method.name,
-            "params": method.get_params(),
-            "state": method.state_scalars(),
-            "report": run.report,
-        },
-        "n_atoms": method.n_atoms,
-        "n_tasks": len(run.tasks),
-        "n_vectors": method.n_vectors,
-        "has_mean": method.has_mean_,
-        "dim": sum(math.prod(shape) for _, shape, _ in run.layout),
+        **manifest_header(method, len(run.tasks), sum(math.prod(shape) for _, shape, _ in run.layout), run.report),
         "tasks": [
             {
                 "name": name,

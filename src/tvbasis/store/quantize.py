@@ -10,6 +10,8 @@ chunk-local and streams.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from tvbasis.errors import TvbasisError
@@ -45,6 +47,17 @@ def value_dtype(dtype: str, shape: tuple[int, ...]) -> torch.dtype:
 
 def scale_name(tensor: str) -> str:
     return tensor + SCALE_SUFFIX
+
+
+def check_scale_names(
+    shapes: Mapping[str, tuple[int, ...]], dtype: str, where: object, remedy: str = "choose another --dtype"
+) -> None:
+    """Refuse tensors (of ``where``) whose names would clash with the int8 scales of others."""
+    for name, shape in shapes.items():
+        if is_quantized(dtype, shape) and scale_name(name) in shapes:
+            raise TvbasisError(
+                f"tensor {scale_name(name)!r} of {where} clashes with the int8 scales of {name!r}; {remedy}"
+            )
 
 
 def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
