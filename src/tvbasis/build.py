@@ -262,6 +262,7 @@ def _manifest(
                 "norm": float(np.sqrt(metrics["sq_norm"][t])),
                 "rel_error": float(metrics["rel_error"][t]),
                 "cosine": float(metrics["cosine"][t]),
+                **({"input": "lora-adapter"} if tvs.is_lora(t) else {}),
             }
             for t, src in enumerate(tvs.sources)
         ],

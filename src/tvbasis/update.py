@@ -160,6 +160,7 @@ def add_task(
         "norm": float(np.sqrt(metrics["sq_norm"][0])),
         "rel_error": float(metrics["rel_error"][0]),
         "cosine": float(metrics["cosine"][0]),
+        **({"input": "lora-adapter"} if tvs.is_lora(0) else {}),
         "added": True,
     }
     manifest = _updated_manifest(store, [*store.manifest["tasks"], entry], f"add-task {task.name}")

@@ -10,6 +10,8 @@ system they share with the client (one machine, or a network file system).
 
 Partial sums come back in partition order and are added in that order, exactly as the
 local engine adds its per-partition sums: both engines produce the same store, bit for bit.
+LoRA adapter tasks need nothing special: a worker opens the adapter directory by its path,
+and the chunk code it shares with the local engine reads each tensor's factors there.
 """
 
 from __future__ import annotations

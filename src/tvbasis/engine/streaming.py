@@ -15,6 +15,13 @@ only those rows of the base, the T task vectors and the atoms at a time:
 Because every statistic is a sum over rows, results do not depend on the chunk size
 (beyond floating-point summation order).
 
+LoRA tasks (``tvbasis.io.lora``) come as factors ``delta = left @ right`` per tensor. The Gram
+pass takes the inner products between two of them from the factors, once per tensor
+(:func:`low_rank_gram`: ``O(r1 r2 (rows + cols))`` instead of ``O(rows cols)``, and exactly
+independent of the chunk size); between a LoRA task and a full fine-tune it materialises the
+LoRA task's rows chunk by chunk, and only then (see ``gram_sum``). The atom pass and the
+observers always see materialised rows.
+
 Memory and speed: a pass reuses the same buffers for every chunk (fresh large allocations
 cost page faults on every chunk), caps a chunk at about ``WORKING_SET_ENTRIES / T`` entries
 per task so the memory it holds does not grow with T, and overlaps its stages on threads
@@ -37,9 +44,18 @@ import torch
 
 from tvbasis.errors import TvbasisError
 from tvbasis.io.hashing import ContentHash
+from tvbasis.io.lora import LowRank
 from tvbasis.io.writer import tensor_bytes
 from tvbasis.progress import progress
-from tvbasis.tasks.taskvectors import PARTITION_ELEMENTS, Chunk, TaskVectorSet, plan_chunks, plan_partitions
+from tvbasis.tasks.taskvectors import (
+    PARTITION_ELEMENTS,
+    Chunk,
+    LoraRows,
+    TaskRows,
+    TaskVectorSet,
+    plan_chunks,
+    plan_partitions,
+)
 from tvbasis.threads import single_torch_thread
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 20
@@ -92,7 +108,10 @@ class _Buffers:
         self, tvs: TaskVectorSet, chunks: Sequence[Chunk], x_sets: int = 1, x_dtype: torch.dtype = torch.float64
     ) -> None:
         numel = max((c.numel for c in chunks), default=0)
-        sizes = [max(ckpt.info(i.name).dtype.itemsize for i in tvs.tensors) for ckpt in [tvs.base, *tvs.checkpoints]]
+        sizes = [
+            0 if ckpt is None else max(ckpt.info(i.name).dtype.itemsize for i in tvs.tensors)
+            for ckpt in [tvs.base, *tvs.checkpoints]
+        ]  # LoRA tasks (no checkpoint) are read as whole factors, not into buffers
         self.raw = [[torch.empty(numel * size, dtype=torch.uint8) for size in sizes]]
         self.x = [torch.empty(tvs.n_tasks * numel, dtype=x_dtype) for _ in range(x_sets)]
 
@@ -189,11 +208,23 @@ def gram_sum(
     gram = np.zeros((T, T), dtype=np.float64)
     partial = np.zeros((T, T), dtype=np.float64)
     buffers = _Buffers(tvs, chunks, x_sets=2)
+    dense, lora = tvs.dense_tasks, tvs.lora_tasks
+    # A LoRA task's rows are materialised only where a full fine-tune needs them (their inner
+    # products) or an observer does. For <s B A, D> the factored form s * sum(B * (D A^T))
+    # costs O(rows cols r) for every full fine-tune D, while materialising s B A costs
+    # O(rows cols r) once and then O(rows cols) per full fine-tune in the product below: it is
+    # never more expensive. Between two LoRA tasks the factors are used (low_rank_gram).
+    need_rows = not lora or bool(dense) or observe is not None
 
-    def load(i: int) -> torch.Tensor:
-        rows = tvs.read_rows(chunks[i], buffers.raw[0])
-        _hash_rows(hashers, chunks[i], rows)
-        return tvs.task_rows(rows, buffers.x[i % 2])
+    def load(i: int) -> tuple[torch.Tensor | None, list[LowRank | None] | None]:
+        chunk = chunks[i]
+        rows = tvs.read_rows(chunk, buffers.raw[0])
+        _hash_rows(hashers, chunk, rows)
+        X = tvs.task_rows(rows, buffers.x[i % 2]) if need_rows else None
+        factors = None
+        if lora and chunk.start == 0:  # once per tensor, from its whole factors
+            factors = [r.factors if isinstance(r, LoraRows) else None for r in (rows[1 + t] for t in lora)]
+        return X, factors
 
     with (
         progress(tvs.dim * (T + 1), "Gram pass", unit="param") as bar,
@@ -205,20 +236,85 @@ def gram_sum(
         reader = _Prefetch(len(chunks), load, slots=2, pool=pool)
         try:
             for chunk in chunks:
-                X = reader.get()
-                Xt = X.T  # (T, numel), contiguous
-                update = (Xt @ Xt.T).numpy()
+                X, factors = reader.get()
+                if not lora:
+                    assert X is not None
+                    Xt = X.T  # (T, numel), contiguous
+                    update = (Xt @ Xt.T).numpy()
+                else:
+                    update = _mixed_update(T, dense, lora, X, factors)
                 _check_finite(tvs, chunk, np.diagonal(update))
                 partial += update
                 if chunk.last and chunk.tensor in ends:
                     gram += partial
                     partial[:] = 0.0
                 if observe is not None:
+                    assert X is not None
                     observe(chunk, X)
                 bar.update(chunk.numel * (T + 1))
         finally:
             reader.cancel()
     return gram
+
+
+def _mixed_update(
+    T: int, dense: list[int], lora: list[int], X: torch.Tensor | None, factors: list[LowRank | None] | None
+) -> np.ndarray:
+    """One chunk's ``X^T X`` when some tasks are LoRA: full fine-tunes' rows against all rows,
+    LoRA against LoRA from the factors (``factors``: on a tensor's first chunk only)."""
+    update = np.zeros((T, T), dtype=np.float64)
+    if dense:
+        assert X is not None
+        Xt = X.T  # (T, numel)
+        P = (Xt[dense] @ Xt.T).numpy()  # (T_dense, T)
+        update[dense, :] = P
+        update[np.ix_(lora, dense)] = P[:, lora].T
+    if factors is not None:
+        update[np.ix_(lora, lora)] += low_rank_gram(factors)
+    return update
+
+
+#: Total rank of the factors stacked for one block of ``low_rank_gram`` (its products are
+#: at most this squared, 8 MiB in float64).
+LOW_RANK_BLOCK = 1024
+
+
+def low_rank_gram(factors: Sequence[LowRank | None]) -> np.ndarray:
+    """``<d_i, d_j>_F`` for deltas ``d = left @ right`` given as factors (None: a zero delta).
+
+    ``<L1 R1, L2 R2>_F = trace(R1^T L1^T L2 R2) = sum((L1^T L2) * (R1 R2^T))``: costs
+    ``O(r1 r2 (rows + cols))`` per pair instead of ``O(rows cols)``, and no delta is formed.
+    The factors of many tasks are stacked in blocks of total rank about ``LOW_RANK_BLOCK``, so
+    a block pair is two matrix products and one elementwise product.
+    """
+    n = len(factors)
+    out = np.zeros((n, n), dtype=np.float64)
+    blocks: list[list[int]] = []
+    size = LOW_RANK_BLOCK
+    for i, f in enumerate(factors):
+        if f is None:
+            continue
+        if size + f.rank > LOW_RANK_BLOCK and size > 0:
+            blocks.append([])
+            size = 0
+        blocks[-1].append(i)
+        size += f.rank
+
+    def stacked(block: list[int]) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        left = torch.cat([factors[i].left for i in block], dim=1)  # type: ignore[union-attr]
+        right = torch.cat([factors[i].right for i in block], dim=0)  # type: ignore[union-attr]
+        starts = np.cumsum([0] + [factors[i].rank for i in block[:-1]])  # type: ignore[union-attr]
+        return left, right, starts
+
+    for a, block_a in enumerate(blocks):
+        left_a, right_a, starts_a = stacked(block_a)
+        for block_b in blocks[a:]:
+            left_b, right_b, starts_b = (left_a, right_a, starts_a) if block_b is block_a else stacked(block_b)
+            prod = ((left_a.T @ left_b) * (right_a @ right_b.T)).numpy()
+            sums = np.add.reduceat(np.add.reduceat(prod, starts_a, axis=0), starts_b, axis=1)
+            out[np.ix_(block_a, block_b)] = sums
+            out[np.ix_(block_b, block_a)] = sums.T
+    return out
 
 
 def gram_pass(
@@ -243,9 +339,15 @@ def symmetrised(gram: np.ndarray) -> np.ndarray:
     return (gram + gram.T) / 2
 
 
-def _hash_rows(hashers: Sequence[ContentHash] | None, chunk: Chunk, rows: Sequence[torch.Tensor]) -> None:
+def _hash_rows(hashers: Sequence[ContentHash] | None, chunk: Chunk, rows: Sequence[TaskRows]) -> None:
+    """Feed each input's bytes; a LoRA task's factors (and the scale and orientation they are
+    combined with) once per tensor, nothing for a tensor it leaves alone."""
     for hasher, r in zip(hashers or (), rows, strict=False):
-        hasher.update(tensor_bytes(r))
+        if isinstance(r, torch.Tensor):
+            hasher.update(tensor_bytes(r))
+        elif isinstance(r, LoraRows) and chunk.last:
+            for part in r.factors.digest_parts:
+                hasher.update(tensor_bytes(part) if isinstance(part, torch.Tensor) else part)
         if chunk.last:
             hasher.end_tensor()
 

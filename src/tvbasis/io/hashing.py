@@ -9,6 +9,12 @@ it was given the base the store was built on. That hash sees every input byte of
 core) where sha256 manages 1 to 2 GB/s and would be the slowest stage of a build. It
 identifies content against accident, not against an adversary; small metadata (the tensor
 layout) keeps sha256.
+
+A PEFT LoRA adapter given as a task is hashed per tensor of the task-vector layout as well:
+for each tensor it changes, the bytes of its ``lora_A`` and ``lora_B`` factors as stored and
+the scale and orientation they are combined with (``LowRank.digest_parts`` in
+``tvbasis.io.lora``), nothing for the others. So a changed factor, ``lora_alpha``, ``r`` or
+pattern changes the hash, while the config's other fields (paths, comments) do not.
 """
 
 from __future__ import annotations

@@ -4,6 +4,12 @@ Only floating-point tensors shared by base and fine-tunes are task-vector entrie
 buffers are ignored. A name or shape that differs between base and a fine-tune is an error
 naming the tensor, unless the user excluded it (e.g. a per-task classification head).
 Nothing is loaded here: ``read_rows`` and ``task_rows`` give one chunk of all T task vectors at once.
+
+A task may also be a PEFT LoRA adapter directory (``tvbasis.io.lora``; recognised by its
+``adapter_config.json``): its task vector is ``scale * B @ A`` on the tensors it targets and
+zero elsewhere. ``read_rows`` gives such a task's rows in factored form (``LoraRows``), so the
+Gram pass can take inner products between adapters from the factors; ``task_rows``
+materialises them, chunk by chunk, where dense rows are needed.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import torch
 
 from tvbasis.errors import CheckpointError, TvbasisError
 from tvbasis.io.checkpoint import Checkpoint, TensorInfo, open_checkpoint
+from tvbasis.io.lora import LoraAdapter, LowRank, is_adapter
 from tvbasis.io.paths import as_input_path
 
 TASK_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
@@ -26,7 +33,7 @@ TASK_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 @dataclass(frozen=True)
 class TaskSource:
-    """A named fine-tune: where its checkpoint lives."""
+    """A named fine-tune: where its checkpoint (or PEFT LoRA adapter directory) lives."""
 
     name: str
     path: Path  # or a UPath for a URL (``tvbasis.io.paths``)
@@ -118,10 +125,30 @@ def plan_partitions(tensors: Sequence[TensorInfo], partition_elements: int = PAR
     return parts
 
 
+@dataclass(frozen=True)
+class LoraRows:
+    """Rows ``start:stop`` of a LoRA task's delta on one tensor, as the tensor's factors."""
+
+    factors: LowRank
+    start: int
+    stop: int
+
+    def dense(self) -> torch.Tensor:
+        """The rows, flattened (float64)."""
+        return self.factors.rows(self.start, self.stop)
+
+
+#: One task's rows of a chunk: dense rows as stored, a LoRA task's factors, or None where a
+#: LoRA task leaves the tensor alone (its rows are zero).
+TaskRows = torch.Tensor | LoraRows | None
+
+
 class TaskVectorSet:
-    """The base checkpoint and T fine-tunes, validated against each other.
+    """The base checkpoint and T fine-tunes (or LoRA adapters), validated against each other.
 
     ``tensors`` is the fixed order of the flattened task vector (``D`` entries in all).
+    ``checkpoints[t]`` is task t's checkpoint and ``adapters[t]`` None, or the other way
+    round for a LoRA task.
     """
 
     def __init__(
@@ -156,9 +183,27 @@ class TaskVectorSet:
             raise TvbasisError(
                 f"{self.base.path}: no floating-point tensors selected (include={self.include}, exclude={self.exclude})"
             )
-        self.checkpoints = [open_checkpoint(t.path) for t in tasks]
-        for src, ckpt in zip(self.sources, self.checkpoints, strict=True):
-            self._validate(src, ckpt)
+        self.checkpoints: list[Checkpoint | None] = []
+        self.adapters: list[LoraAdapter | None] = []
+        for src in self.sources:
+            if is_adapter(src.path):
+                adapter = LoraAdapter(src.path)
+                adapter.bind(self.base, self.tensors, self.include, self.exclude)
+                if not adapter.tensors and only is None:
+                    raise CheckpointError(
+                        f"{src.path}: adapter of task {src.name!r} changes none of the selected tensors "
+                        f"(include={self.include}, exclude={self.exclude})"
+                    )
+                self.checkpoints.append(None)
+                self.adapters.append(adapter)
+            else:
+                ckpt = open_checkpoint(src.path)
+                self._validate(src, ckpt)
+                self.checkpoints.append(ckpt)
+                self.adapters.append(None)
+        #: Tasks given as full checkpoints, and as LoRA adapters (indices, in task order).
+        self.dense_tasks = [t for t, a in enumerate(self.adapters) if a is None]
+        self.lora_tasks = [t for t, a in enumerate(self.adapters) if a is not None]
 
     @property
     def task_names(self) -> list[str]:
@@ -198,14 +243,24 @@ class TaskVectorSet:
                     f"(exclude it with --exclude if it is task-specific)"
                 )
 
-    def read_rows(self, chunk: Chunk, buffers: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
-        """The chunk's rows as stored, flattened: the base's first, then each task's.
+    def is_lora(self, t: int) -> bool:
+        return self.adapters[t] is not None
+
+    def read_rows(self, chunk: Chunk, buffers: Sequence[torch.Tensor] | None = None) -> list[TaskRows]:
+        """The chunk's rows as stored, flattened: the base's first, then each task's
+        (a LoRA task's as ``LoraRows``, or None where it leaves the tensor alone).
 
         ``buffers`` (one 1-D uint8 tensor per checkpoint, base first, each large enough) is
         memory to read into; the rows are then views of it, valid until it is reused.
         """
-        rows = []
+        rows: list[TaskRows] = []
         for i, ckpt in enumerate([self.base, *self.checkpoints]):
+            if ckpt is None:
+                adapter = self.adapters[i - 1]
+                assert adapter is not None
+                factors = adapter.low_rank(chunk.tensor)
+                rows.append(None if factors is None else LoraRows(factors, chunk.start, chunk.stop))
+                continue
             out = buffers[i] if buffers is not None else None
             if not ckpt.info(chunk.tensor).shape:
                 r = ckpt.read(chunk.tensor, out=out)
@@ -214,25 +269,38 @@ class TaskVectorSet:
             rows.append(r.reshape(-1))
         return rows
 
-    def task_rows(self, rows: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+    def task_rows(self, rows: Sequence[TaskRows], out: torch.Tensor | None = None) -> torch.Tensor:
         """The ``(numel, T)`` task-vector rows (each task minus the base) of ``read_rows``' output.
 
         ``out`` (a 1-D float64 or float32 tensor of at least ``T * numel`` entries) is memory
         to fill, and its dtype is the result's; the result is then a view of it. Without
         ``out`` the rows are float64. Differences are taken in the result's dtype (exact in
-        float64). The ``(numel, T)`` matrix is the transpose of a contiguous ``(T, numel)`` one.
+        float64); a LoRA task's rows are ``left @ right`` computed in float64 (zero where it
+        leaves the tensor alone). The ``(numel, T)`` matrix is the transpose of a contiguous
+        ``(T, numel)`` one.
         """
-        base, tasks = rows[0], rows[1:]
+        base = rows[0]
+        assert isinstance(base, torch.Tensor)
         n = base.numel()
         if out is None:
             X = torch.empty((self.n_tasks, n), dtype=torch.float64)
         else:
             X = out[: self.n_tasks * n].view(self.n_tasks, n)
-        if all(r.dtype in _NUMPY_FLOATS for r in rows):
+        if self.lora_tasks:
+            for t, r in enumerate(rows[1:]):
+                if isinstance(r, torch.Tensor):
+                    _subtract(r, base, X[t])
+                elif r is None:
+                    X[t].zero_()
+                else:
+                    X[t].copy_(r.dense())
+            return X.T
+        tasks: list[torch.Tensor] = rows[1:]  # type: ignore[assignment]
+        if all(r.dtype in _NUMPY_FLOATS for r in tasks) and base.dtype in _NUMPY_FLOATS:
             # numpy's loops run on the calling thread only (the passes call this on a worker).
             Xn = X.numpy()
             b = base.detach().numpy()
-            if all(r.dtype == X.dtype for r in rows):
+            if base.dtype == X.dtype and all(r.dtype == X.dtype for r in tasks):
                 for t, r in enumerate(tasks):
                     np.subtract(r.detach().numpy(), b, out=Xn[t])
             else:
@@ -248,3 +316,16 @@ class TaskVectorSet:
 
 
 _NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
+
+
+def _subtract(row: torch.Tensor, base: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = row - base`` in ``out``'s dtype (one task's rows; the calling thread only)."""
+    if row.dtype in _NUMPY_FLOATS and base.dtype in _NUMPY_FLOATS:
+        o = out.numpy()
+        if row.dtype == base.dtype == out.dtype:
+            np.subtract(row.detach().numpy(), base.detach().numpy(), out=o)
+        else:
+            o[:] = row.detach().numpy()
+            np.subtract(o, base.detach().numpy().astype(o.dtype, copy=False), out=o)
+    else:  # bfloat16 has no numpy dtype
+        torch.sub(row.to(out.dtype), base.to(out.dtype), out=out)
