@@ -18,4 +18,4 @@ PY=${PYTHON:-python3}
 if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   .venv/bin/pip install -q torch==2.13.0
 fi
-.venv/bin/pip install -q -e ".[dev,text,plots,distributed,peft,remote]"
+.venv/bin/pip install -q -e ".[dev,text,plots,distributed,peft,remote,vision]"

@@ -100,7 +100,10 @@ def build(
     base: Annotated[
         str | None, typer.Option(help="Base checkpoint: .safetensors, HF model directory or torch file.")
     ] = None,
-    task: Annotated[list[str] | None, typer.Option(help="A fine-tune as NAME=PATH; repeat for each task.")] = None,
+    task: Annotated[
+        list[str] | None,
+        typer.Option(help="A fine-tune (or a PEFT LoRA adapter directory) as NAME=PATH; repeat for each task."),
+    ] = None,
     method: Annotated[str | None, typer.Option(help="autoencoder, pca, random, sample or cluster.")] = None,
     n_atoms: Annotated[int | None, typer.Option("-M", "--n-atoms", help="Number of basis vectors M (1..T).")] = None,
     out_path: Annotated[Path | None, typer.Option("--out", help="Store directory to create.")] = None,
@@ -296,7 +299,7 @@ UpdateOut = Annotated[
 @app.command("add-task")
 def add_task_command(
     store: StoreArg,
-    task: Annotated[str, typer.Option(help="The new fine-tune as NAME=PATH.")],
+    task: Annotated[str, typer.Option(help="The new fine-tune (or PEFT LoRA adapter directory) as NAME=PATH.")],
     base: RecordedBase = None,
     out_path: UpdateOut = None,
     overwrite: Overwrite = False,
@@ -627,6 +630,292 @@ def import_tvb(
     out.print(
         "not in the run directory: the Gram matrix and the tasks' norms and errors (shown as nan), and the base "
         "(edit needs --ignore-base-mismatch)",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# tvbasis vision: the paper's CLIP path (docs/vision.md)
+# --------------------------------------------------------------------------------------------
+vision_app = typer.Typer(
+    no_args_is_help=True,
+    help="CLIP image encoders: convert checkpoints, fine-tune and evaluate on image folders, run the 8/14/20 suites.",
+)
+app.add_typer(vision_app, name="vision")
+
+DataRoot = Annotated[
+    Path, typer.Option("--data-root", help="Folder with one ImageFolder dataset per subfolder (docs/vision.md).")
+]
+ClipDir = Annotated[Path, typer.Option("--base", help="Hugging Face CLIPModel directory (both towers, tokenizer).")]
+VisionCache = Annotated[
+    Path | None, typer.Option("--cache", help="Encoders and fine-tunes (default $TVBASIS_CACHE/vision).")
+]
+Device = Annotated[str, typer.Option(help="auto (cuda when available), cpu, cuda or cuda:N.")]
+Workers = Annotated[
+    int | None, typer.Option("--workers", help="Image-decoding processes (default: 0 on CPU, up to 8 on a GPU).")
+]
+Steps = Annotated[int | None, typer.Option(help="Fine-tuning steps (2000).")]
+BatchSize = Annotated[int | None, typer.Option(help="Fine-tuning batch size (128).")]
+LearningRate = Annotated[float | None, typer.Option("--lr", help="Fine-tuning learning rate (1e-5).")]
+WeightDecay = Annotated[float | None, typer.Option(help="Fine-tuning AdamW weight decay (0.1).")]
+WarmupSteps = Annotated[int | None, typer.Option(help="Fine-tuning warmup steps (500).")]
+TrainLimit = Annotated[int | None, typer.Option(help="Train on at most this many images per dataset.")]
+
+
+def _vision_cache(cache: Path | None) -> Path:
+    from tvbasis.textsuite.presets import default_cache
+
+    return cache if cache is not None else default_cache() / "vision"
+
+
+def _finetune_overrides(**given: Any) -> dict[str, Any]:
+    return {k: v for k, v in given.items() if v is not None}
+
+
+@vision_app.command("datasets")
+def vision_datasets(
+    data_root: DataRoot,
+    suite: Annotated[int, typer.Option(help="8, 14 or 20.")] = 20,
+    dataset: Annotated[list[str] | None, typer.Option(help="Only this dataset; repeat.")] = None,
+) -> None:
+    """What DATA_ROOT holds for each dataset of a suite (classes, images per split), or why it is unusable."""
+    from tvbasis.vision.data import REGISTRY, describe_root, suite_datasets
+
+    try:
+        if not data_root.is_dir():
+            raise TvbasisError(f"--data-root {data_root}: no such directory")
+        names = list(dataset) if dataset else [*suite_datasets(suite), "ImageNet"]
+        rows = describe_root(data_root, names)
+    except TvbasisError as exc:
+        _fail(exc)
+    table = Table("dataset", "suites", "found")
+    for name, what in rows.items():
+        spec = REGISTRY.get(name)
+        suites = ", ".join(map(str, spec.suites)) if spec and spec.suites else ("control" if spec else "-")
+        table.add_row(name, suites, escape(what))
+    out.print(table)
+
+
+@vision_app.command("convert")
+def vision_convert(
+    source: Annotated[Path, typer.Argument(help="open_clip state dict (.pt/.bin/.safetensors) or HF CLIP checkpoint.")],
+    out_path: Annotated[Path, typer.Option("--out", help="Hugging Face directory to create.")],
+    like: Annotated[
+        Path | None, typer.Option(help="HF CLIP directory the checkpoint must match; its config is reused.")
+    ] = None,
+    tokenizer: Annotated[Path | None, typer.Option(help="Directory whose tokenizer files to copy.")] = None,
+    image_encoder: Annotated[
+        bool, typer.Option("--image-encoder", help="Write only the image encoder (CLIPVisionModelWithProjection).")
+    ] = False,
+    act: Annotated[str, typer.Option(help="Without --like: quick_gelu (OpenAI models) or gelu.")] = "quick_gelu",
+    head_width: Annotated[int, typer.Option(help="Without --like: attention head width (64 in open_clip).")] = 64,
+    overwrite: Overwrite = False,
+) -> None:
+    """Convert a CLIP checkpoint to a Hugging Face directory (a CLIPModel, or the image encoder alone)."""
+    from tvbasis.vision.convert import convert_checkpoint
+
+    try:
+        kind, notes = convert_checkpoint(
+            source,
+            out_path,
+            like=like,
+            tokenizer=tokenizer,
+            image_encoder_only=image_encoder,
+            hidden_act=act,
+            head_width=head_width,
+            overwrite=overwrite,
+        )
+    except TvbasisError as exc:
+        _fail(exc)
+    for note in notes:
+        _log(f"note: {note}")
+    _say(f"wrote {out_path} ({kind})")
+
+
+@vision_app.command("finetune")
+def vision_finetune(
+    base: ClipDir,
+    data_root: DataRoot,
+    dataset: Annotated[list[str], typer.Option(help="Dataset folder under --data-root; repeat.")],
+    cache: VisionCache = None,
+    steps: Steps = None,
+    batch_size: BatchSize = None,
+    lr: LearningRate = None,
+    weight_decay: WeightDecay = None,
+    warmup_steps: WarmupSteps = None,
+    train_limit: TrainLimit = None,
+    seed: Annotated[int, typer.Option(help="Seed of the validation carve and of training.")] = 0,
+    device: Device = "auto",
+    workers: Workers = None,
+    quiet: Quiet = False,
+) -> None:
+    """Fine-tune the image encoder on each dataset (zero-shot head frozen); one HF directory each, cached."""
+    from tvbasis.vision.data import load_task
+    from tvbasis.vision.model import FinetuneConfig, check_base, encoder_dir, finetune_cached
+
+    set_quiet(quiet)
+    root = _vision_cache(cache)
+    try:
+        hp = _finetune_overrides(
+            steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps
+        )
+        cfg = FinetuneConfig(seed=seed, **hp)
+        check_base(base)
+        tasks = [load_task(data_root, n, seed=seed, train_limit=train_limit) for n in dataset]
+        _say(f"base image encoder: {encoder_dir(base, root)}")
+        for task in tasks:
+            path = finetune_cached(
+                base, task, root / "finetunes", cfg, device=device, workers=workers, log_fn=None if quiet else _log
+            )
+            _say(f"{task.name}: {path}")
+    except TvbasisError as exc:
+        _fail(exc)
+
+
+@vision_app.command("evaluate")
+def vision_evaluate(
+    base: ClipDir,
+    data_root: DataRoot,
+    dataset: Annotated[list[str], typer.Option(help="Dataset folder under --data-root; repeat.")],
+    weights: Annotated[
+        Path | None, typer.Option(help="Evaluate this fine-tune (HF CLIP directory or open_clip state dict).")
+    ] = None,
+    store: Annotated[Path | None, typer.Option(help="Evaluate base + an edit through this store.")] = None,
+    add: Annotated[list[str] | None, typer.Option(help="With --store: NAME=COEF; repeat.")] = None,
+    add_all: Annotated[float | None, typer.Option(help="With --store: add every task with this weight.")] = None,
+    negate: Annotated[list[str] | None, typer.Option(help="With --store: subtract this task; repeat.")] = None,
+    scale: Annotated[float, typer.Option(help="With --store: lambda.")] = 1.0,
+    split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
+    limit: Annotated[int | None, typer.Option(help="Only the first N images of the split (a seeded shuffle).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the validation carve and split order.")] = 0,
+    device: Device = "auto",
+    workers: Workers = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Accuracy of the base, a fine-tune, or the base edited through a store, on image-folder datasets."""
+    from tvbasis.arithmetic import combination_state, task_coefficients
+    from tvbasis.store import open_store
+    from tvbasis.vision.convert import vision_task_vector
+    from tvbasis.vision.data import load_task
+    from tvbasis.vision.model import Evaluator, check_base
+
+    try:
+        if weights is not None and store is not None:
+            raise TvbasisError("--weights and --store: give one of them")
+        if split not in ("train", "val", "test"):
+            raise TvbasisError(f"--split {split!r}: choose train, val or test")
+        check_base(base)
+        tasks = [load_task(data_root, n, seed=seed, need_train=split == "train") for n in dataset]
+        ev = Evaluator(base, tasks, device=device, workers=workers)
+        if weights is not None:
+            ev.set_task_vector(vision_task_vector(ev.base_state(), weights, base))
+        elif store is not None:
+            s = open_store(store)
+            a = _weights_from_options(s.task_names, add, add_all, negate)
+            ev.set_task_vector(combination_state(s, task_coefficients(s.decoder, a, scale)))
+        accs = {t.name: ev.accuracy(t.name, split, limit) for t in tasks}
+    except TvbasisError as exc:
+        _fail(exc)
+    if as_json:
+        sys.stdout.write(json.dumps(accs, indent=2) + "\n")
+        return
+    table = Table("dataset", f"{split} accuracy")
+    for n, acc in accs.items():
+        table.add_row(n, f"{acc:.4f}")
+    out.print(table)
+
+
+@vision_app.command("suite")
+def vision_suite(
+    data_root: DataRoot,
+    base: ClipDir,
+    suite: Annotated[int, typer.Option(help="The paper's 8-, 14- or 20-dataset suite.")] = 8,
+    dataset: Annotated[
+        list[str] | None, typer.Option(help="Use these dataset folders instead of --suite; repeat.")
+    ] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Where results, report and stores go.")] = Path(
+        "runs/vision-suite"
+    ),
+    cache: VisionCache = None,
+    method: Annotated[
+        list[str] | None, typer.Option(help="Basis method; repeat (default autoencoder, pca, sample).")
+    ] = None,
+    n_atoms: Annotated[list[int] | None, typer.Option("-M", "--n-atoms", help="M; repeat (default T/2, T/4).")] = None,
+    autoencoder_steps: Annotated[int | None, typer.Option(help="Autoencoder Adam steps (6000).")] = None,
+    control: Annotated[
+        str | None, typer.Option(help="Negation control dataset (default ImageNet, as the paper).")
+    ] = None,
+    control_alt: Annotated[str | None, typer.Option(help="The control when the target is --control itself.")] = None,
+    negate: Annotated[list[str] | None, typer.Option(help="Negation target; repeat (default every dataset).")] = None,
+    no_negation: Annotated[bool, typer.Option("--no-negation", help="Skip negation (no control needed).")] = False,
+    finetuned: Annotated[
+        list[str] | None, typer.Option(help="NAME=PATH: use this fine-tune instead of training; repeat.")
+    ] = None,
+    steps: Steps = None,
+    batch_size: BatchSize = None,
+    lr: LearningRate = None,
+    weight_decay: WeightDecay = None,
+    warmup_steps: WarmupSteps = None,
+    train_limit: TrainLimit = None,
+    val_limit: Annotated[int, typer.Option(help="Validation images per dataset for choosing lambda (0: all).")] = 1000,
+    test_limit: Annotated[int, typer.Option(help="Test images per dataset (0: all).")] = 0,
+    search: Annotated[str, typer.Option(help="coarse-to-fine or full lambda search.")] = "coarse-to-fine",
+    seed: Annotated[int, typer.Option(help="Seed of the validation carve, split order and training.")] = 0,
+    device: Device = "auto",
+    workers: Workers = None,
+    quiet: Quiet = False,
+) -> None:
+    """The vision suite end to end: fine-tune, build bases, add and negate through them, evaluate, report."""
+    from tvbasis.tasks import parse_task_arg
+    from tvbasis.vision.data import suite_datasets
+    from tvbasis.vision.suite import VisionSuiteConfig, run_suite
+
+    set_quiet(quiet)
+    try:
+        if no_negation and (negate or control or control_alt):
+            raise TvbasisError("--no-negation: drop --negate, --control and --control-alt")
+        names = tuple(dataset) if dataset else suite_datasets(suite)
+        user_ft = {s.name: Path(s.path) for s in map(parse_task_arg, finetuned or [])}
+        config = VisionSuiteConfig(
+            out_dir=out_dir,
+            cache_dir=_vision_cache(cache),
+            data_root=data_root,
+            base=base,
+            datasets=names,
+            finetuned=user_ft,
+            methods=tuple(method) if method else ("autoencoder", "pca", "sample"),
+            n_atoms=tuple(n_atoms or ()),
+            method_settings={"autoencoder": {"steps": autoencoder_steps}} if autoencoder_steps else {},
+            negation_targets=() if no_negation else (tuple(negate) if negate else None),
+            control=control or "ImageNet",
+            control_alt=control_alt,
+            val_limit=val_limit or None,
+            test_limit=test_limit or None,
+            train_limit=train_limit,
+            search=search,
+            finetune=_finetune_overrides(
+                steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps
+            ),
+            device=device,
+            workers=workers,
+            seed=seed,
+        )
+        results = run_suite(config, log=(lambda _: None) if quiet else _log)
+    except TvbasisError as exc:
+        _fail(exc)
+    from tvbasis.textsuite.report import addition_table
+    from tvbasis.vision.report import negation_rows
+
+    out.print(addition_table(results), highlight=False, soft_wrap=True)
+    if results["negation"]:
+        neg, dropped = negation_rows(results)
+        out.print("")
+        out.print(neg, highlight=False, soft_wrap=True)
+        for line in dropped:
+            out.print(f"dropped by compression: {line}", highlight=False, soft_wrap=True)
+    out.print(
+        f"\nreport: {out_dir / 'report.md'}; took {results['timings_s']['total']:.0f} s",
         highlight=False,
         soft_wrap=True,
     )
