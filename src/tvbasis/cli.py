@@ -921,6 +921,168 @@ def vision_suite(
     )
 
 
+# --------------------------------------------------------------------------------------------
+# tvbasis compose: learned and per-sample composition on the text suite (docs/composition.md)
+# --------------------------------------------------------------------------------------------
+compose_app = typer.Typer(
+    no_args_is_help=True,
+    help="Compose a store's task vectors or atoms with learned (aTLAS) or per-sample (variational) coefficients.",
+)
+app.add_typer(compose_app, name="compose")
+
+
+def _composition(meta: dict[str, Any], cache: Path | None, test_limit: int | None = None) -> Any:
+    """The few-shot setting a composer was trained in, rebuilt from what it saved."""
+    from tvbasis.textsuite.compose import FewShotComposition, few_shot
+    from tvbasis.textsuite.data import load_task
+
+    seed = int(meta.get("seed") or 0)
+    shots = meta.get("shots")
+    tasks = [load_task(n, seed=seed) for n in meta["tasks"]]
+    if shots:
+        tasks = [few_shot(t, int(shots), seed) for t in tasks]
+    return FewShotComposition(
+        Path(meta["base"]),
+        tasks,
+        meta["store"],
+        over=meta["over"],
+        blocks=meta["blocks"],
+        rank=meta.get("rank"),
+        test_limit=test_limit if test_limit is not None else meta.get("test_limit"),
+        seed=seed,
+        shots=shots,
+    )
+
+
+@compose_app.command("train")
+def compose_train(
+    store: Annotated[Path, typer.Option(help="Store whose task vectors or atoms are composed (built on --model).")],
+    out: Annotated[Path, typer.Option(help="Composer directory to write.")],
+    kind: Annotated[str, typer.Option(help="task-arithmetic, atlas, per-sample or variational.")] = "variational",
+    over: Annotated[str, typer.Option(help="tasks (the store's task vectors) or atoms.")] = "tasks",
+    blocks: Annotated[str, typer.Option(help="Coefficient granularity: model, layer or tensor.")] = "layer",
+    shots: Annotated[int, typer.Option(help="Labelled training examples per class and task.")] = 16,
+    task: Annotated[
+        list[str] | None, typer.Option(help="Text-suite task (default: the store's tasks); repeat.")
+    ] = None,
+    model: Annotated[str, typer.Option(help="Base: minilm, small or an HF model directory.")] = "minilm",
+    steps: Annotated[int, typer.Option(help="Optimiser steps (every kind gets the same).")] = 150,
+    batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 32,
+    lr: Annotated[float | None, typer.Option(help="Learning rate (default per kind).")] = None,
+    rank: Annotated[
+        int | None, typer.Option(help="Run 2-D directions through rank-R factors (cheaper per-sample forwards).")
+    ] = None,
+    prior: Annotated[bool, typer.Option(help="Variational: pay the KL to the spike-and-slab prior.")] = True,
+    gate: Annotated[bool, typer.Option(help="Variational: inclusion gates and gated inference.")] = True,
+    beta: Annotated[float, typer.Option(help="Variational: weight of the KL per coefficient.")] = 0.01,
+    test_limit: Annotated[int | None, typer.Option(help="Evaluate on at most this many test items per task.")] = None,
+    cache: Annotated[Path | None, typer.Option(help="Cache directory for derived models.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the shots, the splits and training.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Train a composer on k shots per class of text-suite tasks, evaluate it on their test splits, save it."""
+    from tvbasis.composition import ComposerConfig, save_composer
+    from tvbasis.io.outputs import check_output_path
+    from tvbasis.store import open_store
+    from tvbasis.textsuite.presets import default_cache
+    from tvbasis.textsuite.suite import resolve_model
+
+    set_quiet(quiet)
+    try:
+        check_output_path(out, overwrite)
+        config = ComposerConfig(kind=kind, prior=prior, gate=gate, beta=beta)
+        base = resolve_model(model, cache or default_cache())
+        names = task or open_store(store).task_names
+        meta = {
+            "base": str(base),
+            "store": str(store),
+            "over": over,
+            "blocks": blocks,
+            "rank": rank,
+            "tasks": names,
+            "shots": shots,
+            "seed": seed,
+            "test_limit": test_limit,
+        }
+        setting = _composition(meta, cache)
+        result, composer = setting.run(config, steps=steps, batch_size=batch_size, lr=lr)
+        save_composer(
+            composer,
+            out,
+            {**setting.meta(), "test_accuracy": result.test_accuracy, "sparsity": result.sparsity, "lam": result.lam},
+            overwrite=overwrite,
+        )
+    except TvbasisError as exc:
+        _fail(exc)
+    _print_composition(result.test_accuracy, result.sparsity)
+    _say(f"wrote {out}")
+
+
+def _print_composition(accs: dict[str, float], sparsity: float | None) -> None:
+    table = Table("task", "test accuracy")
+    for n, acc in accs.items():
+        table.add_row(n, f"{acc:.4f}")
+    table.add_row("mean", f"{sum(accs.values()) / len(accs):.4f}")
+    out.print(table)
+    if sparsity is not None:
+        out.print(f"coefficients dropped by the gate: {sparsity:.1%}", highlight=False)
+
+
+@compose_app.command("eval")
+def compose_eval(
+    composer: Annotated[Path, typer.Argument(help="Composer directory (from compose train).")],
+    split: Annotated[str, typer.Option(help="test or train (the shots).")] = "test",
+    test_limit: Annotated[int | None, typer.Option(help="At most this many test items per task.")] = None,
+    cache: Annotated[Path | None, typer.Option(help="Cache directory for derived models.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Accuracy of a saved composer on its tasks, with the share of coefficients its gate drops."""
+    from tvbasis.composition import load_composer
+
+    try:
+        if split not in ("test", "train"):
+            raise TvbasisError(f"--split {split!r}: test or train")
+        comp, meta = load_composer(composer)
+        setting = _composition(meta, cache, test_limit)
+        accs, sparsity = setting.accuracy(comp, split)
+    except TvbasisError as exc:
+        _fail(exc)
+    if as_json:
+        sys.stdout.write(json.dumps({"accuracy": accs, "sparsity": sparsity}, indent=2) + "\n")
+        return
+    _print_composition(accs, sparsity)
+
+
+@compose_app.command("export")
+def compose_export(
+    composer: Annotated[Path, typer.Argument(help="Composer directory (from compose train).")],
+    out: Annotated[Path, typer.Option(help="Edited model to write (the base's layout).")],
+    task: Annotated[
+        str | None, typer.Option(help="Per-sample composers: average the coefficients over this task's shots.")
+    ] = None,
+    cache: Annotated[Path | None, typer.Option(help="Cache directory for derived models.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Write base + the composition as a model: shared coefficients as learned, per-sample ones averaged."""
+    from tvbasis.composition import export_composition, load_composer
+    from tvbasis.io.outputs import check_output_path
+
+    set_quiet(quiet)
+    try:
+        check_output_path(out, overwrite)
+        comp, meta = load_composer(composer)
+        setting = _composition(meta, cache)
+        z = setting.task_coefficients(comp, task).numpy()
+        export_composition(
+            meta["base"], setting.store, setting.directions.to_vectors, setting.block_of, z, out, overwrite=overwrite
+        )
+    except TvbasisError as exc:
+        _fail(exc)
+    _say(f"wrote {out}")
+
+
 def main() -> None:
     app()
 

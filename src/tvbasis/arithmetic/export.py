@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -149,6 +149,7 @@ def edit_model(
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     max_shard_bytes: int = 5 * 1024**3,
     merge: MergeSpec | None = None,
+    tensor_coefficients: Mapping[str, np.ndarray] | None = None,
 ) -> Path:
     """Write ``theta_0 + sum_k c_k s_k`` with the base's layout, streaming tensor chunk by chunk.
 
@@ -157,7 +158,8 @@ def edit_model(
     checked before the output is given its final name.
 
     With ``merge``, the delta is ``scale * merge(a_t tau_hat_t)`` (TIES or DARE, see
-    ``arithmetic.merge``) instead, and ``coefficients`` is not used.
+    ``arithmetic.merge``) instead, and ``coefficients`` is not used. ``tensor_coefficients`` gives
+    some tensors their own ``c`` (block-wise compositions); the others use ``coefficients``.
     """
     out = Path(out)
     check_output_path(out, overwrite)
@@ -205,7 +207,11 @@ def edit_model(
                 for chunk in plan_chunks([info], chunk_elements):
                     rows = ckpt.read(name) if not info.shape else ckpt.read(name, chunk.start, chunk.stop)
                     hasher.update(tensor_bytes(rows))
-                    flat = store.combination_rows(chunk, coefficients) if merger is None else merger.rows(chunk)
+                    if merger is not None:
+                        flat = merger.rows(chunk)
+                    else:
+                        c = coefficients if tensor_coefficients is None else tensor_coefficients.get(name, coefficients)
+                        flat = store.combination_rows(chunk, c)
                     delta = flat.reshape(rows.shape)
                     writer.write(name, (rows.to(torch.float64) + delta).to(info.dtype))
                     bar.update(chunk.numel)

@@ -684,6 +684,10 @@ class Evaluator:
             hit = self._batches[key] = _Prepared(batches, torch.tensor(order, dtype=torch.long), labels)
         return hit
 
+    def prepared(self, task_name: str, split: str, limit: int | None = None) -> _Prepared:
+        """The split's first ``limit`` examples as padded batches in length order (``order`` maps back)."""
+        return self._prepared(task_name, split, limit)
+
     # -- evaluation ----------------------------------------------------------------------------
     def _sorted_logits(self, prep: _Prepared, task_name: str) -> torch.Tensor:
         with torch.inference_mode():
