@@ -6,6 +6,8 @@ the scales are float32 tensors named ``{name}.qscale`` beside the int8 tensor in
 file. One- and zero-dimensional tensors (biases, norms: a negligible share of the bytes,
 and rows of one entry each) stay float32. Rows are whole within a chunk, so quantizing is
 chunk-local and streams.
+
+``quantize_rows`` also takes fewer levels (int4, int2) for the codes of ``tvbasis.codes``.
 """
 
 from __future__ import annotations
@@ -60,12 +62,18 @@ def check_scale_names(
             )
 
 
-def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 codes and float32 scales of a ``(n_rows, row_numel)`` block, one scale per row."""
+def quantize_rows(rows: torch.Tensor, levels: int = INT8_LEVELS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric codes in ``[-levels, levels]`` (as int8) and float32 scales of a ``(n_rows, row_numel)`` block.
+
+    One scale per row, ``max|row| / levels``, and round to nearest. The store uses int8
+    (``levels = 127``); ``tvbasis.codes`` also int4 (7) and int2 (1), packing the codes itself.
+    """
+    if not 1 <= levels <= INT8_LEVELS:
+        raise ValueError(f"levels {levels}: must be in 1..{INT8_LEVELS}")
     x = rows.to(torch.float32)
-    scale = x.abs().amax(dim=1) / INT8_LEVELS
+    scale = x.abs().amax(dim=1) / levels if x.shape[1] else torch.zeros(x.shape[0], dtype=torch.float32)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(x / safe[:, None]).clamp_(-INT8_LEVELS, INT8_LEVELS).to(torch.int8)
+    q = torch.round(x / safe[:, None]).clamp_(-levels, levels).to(torch.int8)
     return q, scale
 
 
