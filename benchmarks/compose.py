@@ -55,6 +55,18 @@ def stores(out: Path, base: Path, ft_dirs: dict[str, Path]) -> dict[str, Path]:
     return paths
 
 
+def oracle(setting: FewShotComposition) -> CompositionResult:
+    """Each task's test items through base + its own task vector (z = e_t): what perfect routing reaches."""
+    composer = setting.make_composer(ComposerConfig(kind="atlas", init=0.0))
+    acc = {}
+    for t, task in enumerate(setting.tasks):
+        with torch.no_grad():
+            composer.shared.zero_()
+            composer.shared[t] = 1.0
+        acc[task.name] = setting.accuracy(composer, "test", only=[task.name])[0][task.name]
+    return CompositionResult("oracle", "oracle routing", acc)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("runs/compose"))
@@ -67,6 +79,7 @@ def main() -> None:
     ap.add_argument("--test-limit", type=int, default=400)
     ap.add_argument("--ablation-shots", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--oracle-only", action="store_true", help="only the zero-shot and oracle-routing references")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
@@ -104,6 +117,26 @@ def main() -> None:
         )
         (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 
+    if args.oracle_only:  # the references alone: zero-shot and perfect routing through the exact task vectors
+        setting = FewShotComposition(
+            base,
+            [few_shot(t, args.shots[0], args.seed) for t in tasks],
+            store_paths["tasks"],
+            over="tasks",
+            blocks=args.blocks,
+            test_limit=args.test_limit,
+            seed=args.seed,
+        )
+        zero = setting.make_composer(ComposerConfig(kind="task-arithmetic", init=0.0))
+        record(
+            setting,
+            0,
+            "-",
+            "zero-shot base",
+            CompositionResult("zero-shot", "zero-shot", setting.accuracy(zero, "test")[0]),
+        )
+        record(setting, 0, "tasks", "oracle routing", oracle(setting))
+        args.shots = []
     for shots in args.shots:
         shot_tasks = [few_shot(t, shots, args.seed) for t in tasks]
         for over in args.over:
@@ -118,6 +151,8 @@ def main() -> None:
                     test_limit=args.test_limit,
                     seed=args.seed,
                 )
+                if rank is None and over == "tasks" and not any(r["label"] == "oracle routing" for r in results):
+                    record(setting, 0, over, "oracle routing", oracle(setting))
                 if rank is None:  # the reference: task arithmetic on the exact directions
                     if not results:
                         zero = setting.make_composer(ComposerConfig(kind="task-arithmetic", init=0.0))

@@ -1,4 +1,4 @@
-"""Composable per-tensor codes for task vectors and residuals, with exact byte accounting (issue 8).
+"""Composable per-tensor codes for task vectors and residuals, with exact byte accounting (SPEC section 8).
 
 A ``CodeSpec`` (parsed from a short string such as ``int4``, ``lloydmax2``, ``sign``,
 ``keep:0.0625:int4:seed=0``, ``topk:0.05``, ``lowrank:8``, ``fp16`` or ``none``) names a

@@ -173,7 +173,7 @@ class CodeError:
 def bias_variance(spec: CodeSpec, x: torch.Tensor, key: TensorKey = TensorKey()) -> CodeError:
     """The squared error of the code's expectation and its variance, for ``x_hat = decode(encode(x))``.
 
-    The issue's planner needs them apart, as unbiased error (random keep) harms accuracy far
+    A byte-budget planner needs them apart, as unbiased error (random keep) harms accuracy far
     less than the same energy of biased error. Random codes give both exactly (over their
     seed); a deterministic code's error is all bias.
     """

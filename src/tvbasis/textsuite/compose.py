@@ -176,13 +176,17 @@ class FewShotComposition:
 
     # -- evaluation: one batched forward per batch; shared coefficients merge once per layer ------
     @torch.no_grad()
-    def accuracy(self, composer: Composer, split: str) -> tuple[dict[str, float], float | None]:
-        """Per-task accuracy of the model composed by ``composer`` on ``split``, and the share of
-        coefficients the gate dropped (None when nothing is gated)."""
+    def accuracy(
+        self, composer: Composer, split: str, only: Sequence[str] | None = None
+    ) -> tuple[dict[str, float], float | None]:
+        """Per-task accuracy of the model composed by ``composer`` on ``split`` (of the tasks in ``only``,
+        default all), and the share of coefficients the gate dropped (None when nothing is gated)."""
         acc: dict[str, float] = {}
         kept = total = 0
         limit = self._limit(split)
         for t in self.tasks:
+            if only is not None and t.name not in only:
+                continue
             prep = self.ev.prepared(t.name, split, limit)
             feats = self.features[(t.name, split)][prep.order]
             correct, start = 0, 0
