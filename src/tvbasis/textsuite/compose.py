@@ -296,3 +296,26 @@ class FewShotComposition:
         feats = torch.cat([self.features[(n, "train")] for n in names if task is None or n == task])
         composer.eval()
         return composer(feats).z.mean(0)
+
+
+def composition_from_meta(meta: dict[str, Any], test_limit: int | None = None) -> FewShotComposition:
+    """The few-shot setting a composer was trained in, rebuilt from what it saved (``composer.json``)."""
+    from tvbasis.textsuite.data import load_task
+
+    seed = int(meta.get("seed") or 0)
+    shots = meta.get("shots")
+    tasks = [load_task(n, seed=seed) for n in meta["tasks"]]
+    if shots:
+        tasks = [few_shot(t, int(shots), seed) for t in tasks]
+    return FewShotComposition(
+        Path(meta["base"]),
+        tasks,
+        meta["store"],
+        over=meta["over"],
+        blocks=meta["blocks"],
+        rank=meta.get("rank"),
+        test_limit=test_limit if test_limit is not None else meta.get("test_limit"),
+        seed=seed,
+        shots=shots,
+    )
+
