@@ -41,15 +41,19 @@ def _same_store(a: Path, b: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "method,kw,dtype",
+    "method,kw,dtype,tensor_stats",
     [
-        ("pca", {}, "fp32"),
-        ("autoencoder", {"steps": 200}, "fp32"),
-        ("pca", {"center": True}, "int8"),
-        ("cluster", {}, "bf16"),
+        ("pca", {}, "fp32", False),
+        ("autoencoder", {"steps": 200}, "fp32", False),
+        ("pca", {"center": True}, "int8", False),
+        ("cluster", {}, "bf16", False),
+        ("pca", {}, "fp32", True),  # per-tensor Gram matrices too (tensor_gram.safetensors)
+        ("cluster", {}, "bf16", True),
     ],
 )
-def test_dask_engine_builds_the_same_store(family, dask_engine, tmp_path: Path, method, kw, dtype) -> None:
+def test_dask_engine_builds_the_same_store(
+    family, dask_engine, tmp_path: Path, method, kw, dtype, tensor_stats
+) -> None:
     local = build_store(
         family.base,
         family.tasks,
@@ -59,6 +63,7 @@ def test_dask_engine_builds_the_same_store(family, dask_engine, tmp_path: Path, 
         dtype=dtype,
         chunk_elements=7,
         engine=LocalEngine(PARTITION),
+        tensor_stats=tensor_stats,
     )
     remote = build_store(
         family.base,
@@ -69,8 +74,10 @@ def test_dask_engine_builds_the_same_store(family, dask_engine, tmp_path: Path, 
         dtype=dtype,
         chunk_elements=7,
         engine=dask_engine,
+        tensor_stats=tensor_stats,
     )
     _same_store(local.path, remote.path)
+    assert (local.path / "tensor_gram.safetensors").is_file() == tensor_stats
     ml, mr = dict(local.manifest), dict(remote.manifest)
     for m in (ml, mr):
         m.pop("created")

@@ -26,6 +26,7 @@ from tvbasis.store.format import (
     FORMAT_VERSION,
     MANIFEST,
     MATRICES,
+    TENSOR_GRAM,
     Store,
     file_sizes,
     open_store,
@@ -84,6 +85,7 @@ def build_store(
     overwrite: bool = False,
     known: GramStats | None = None,
     engine: Engine | None = None,
+    tensor_stats: bool = False,
 ) -> Store:
     """Compress the task vectors of ``tasks`` (relative to ``base``) into a store at ``out``.
 
@@ -97,6 +99,10 @@ def build_store(
 
     ``engine`` runs the passes: the local engine by default, or a
     :class:`~tvbasis.engine.distributed.DaskEngine`; both give the same store.
+
+    ``tensor_stats``: also gather every tensor's own Gram matrix ``G_n`` in the Gram pass
+    and save them (``tensor_gram.safetensors``) for ``tvbasis plan``. Opt-in because they
+    take ``T^2 x n_tensors x 8`` bytes, in memory during the pass and in the store.
     """
     engine = engine or LocalEngine()
     out = Path(out)
@@ -109,13 +115,18 @@ def build_store(
     )
 
     hashers = None
-    if known is not None and not method.observes and method.stores_atoms:
+    # Known statistics replace the Gram pass only if they hold all that this build saves.
+    known_enough = known is not None and (not tensor_stats or known.tensor_grams is not None)
+    if known is not None and known_enough and not method.observes and method.stores_atoms:
         if known.gram.shape != (tvs.n_tasks, tvs.n_tasks):
             raise TvbasisError(f"known Gram matrix is {known.gram.shape}, there are {tvs.n_tasks} tasks")
         stats = known
         hashers = [ContentHash() for _ in range(tvs.n_tasks + 1)]
     else:
-        stats = engine.gram_pass(tvs, chunk_elements, observe=method.observe if method.observes else None)
+        observe = method.observe if method.observes else None
+        # the keyword only when asked: engines written before it keep working
+        extra = {"tensor_stats": True} if tensor_stats else {}
+        stats = engine.gram_pass(tvs, chunk_elements, observe=observe, **extra)
     method.fit(stats.gram)
 
     # Linear atoms have exact statistics from G. Rounding to fp32 changes them negligibly;
@@ -168,11 +179,25 @@ def build_store(
         save_matrices(tmp / MATRICES, arrays)
 
         manifest = _manifest(tvs, method, stats.base_hash, stats.task_hashes, metrics, dtype, vectors)
+        if tensor_stats:
+            assert stats.tensor_grams is not None
+            save_tensor_grams(tmp, manifest, stats.tensor_grams, [i.name for i in tvs.tensors])
         if unrounded_metrics is not None:
             for t, task in enumerate(manifest["tasks"]):
                 task["rel_error_unrounded"] = float(unrounded_metrics["rel_error"][t])
         finalise_store(tmp, manifest)
     return open_store(out)
+
+
+def save_tensor_grams(tmp: Path, manifest: dict[str, Any], grams: dict[str, np.ndarray], names: list[str]) -> None:
+    """Write the per-tensor Gram matrices (one (T, T) float64 tensor per tensor name) and
+    record them in ``manifest``; the tensor order is the layout's."""
+    T = manifest["n_tasks"]
+    for name in names:
+        if grams[name].shape != (T, T):
+            raise TvbasisError(f"per-tensor Gram matrix of {name!r} is {grams[name].shape}, there are {T} tasks")
+    save_matrices(tmp / TENSOR_GRAM, {name: grams[name] for name in names})
+    manifest["tensor_stats"] = {"gram": TENSOR_GRAM}
 
 
 def _check_hashes(tvs: TaskVectorSet, known: GramStats, hashes: list[str]) -> None:
@@ -301,10 +326,14 @@ def _byte_counts(files: dict[str, int], manifest_bytes: int, dim: int, n_tasks: 
     atoms = sum(s for f, s in files.items() if f.startswith(f"{ATOMS_DIR}/"))
     total = sum(files.values()) + manifest_bytes
     original = dim * n_tasks * 4
+    # The per-tensor Gram matrices count as matrices (and are also shown on their own).
+    tensor_gram = {"tensor_gram": files[TENSOR_GRAM]} if TENSOR_GRAM in files else {}
+    matrices = files.get(MATRICES, 0) + files.get(TENSOR_GRAM, 0)
     return {
         "atoms": atoms,
-        "matrices": files.get(MATRICES, 0),
-        "other": total - atoms - files.get(MATRICES, 0) - manifest_bytes,
+        "matrices": matrices,
+        **tensor_gram,
+        "other": total - atoms - matrices - manifest_bytes,
         "total": total,
         "original_fp32": original,
         "ratio": total / original if original else 0.0,

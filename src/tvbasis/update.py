@@ -6,6 +6,10 @@
   where the manifest says (and unchanged), the same pass also gives the new task's Gram
   row, so the store keeps a complete ``G`` and a later refit needs one pass, not two.
 - ``remove_task`` drops a task's coefficients and statistics; the atoms stay.
+- A store built with per-tensor Gram matrices (``--tensor-stats``) keeps them up to date
+  exactly as it keeps ``G``: ``add_task`` gathers the new task's entries in its one pass
+  (NaN where the earlier tasks' inputs are missing, as in ``G``), ``remove_task`` drops a
+  row and column, ``refit`` carries them over (or gathers them again with ``G``).
 - ``refit`` builds the basis again over the store's current tasks, with the same method and
   settings, from the stored ``G`` plus the one pass over the inputs that writing atoms needs
   (two passes when ``G`` is incomplete, or for methods that learn from the data itself).
@@ -31,7 +35,7 @@ import numpy as np
 import torch
 
 from tvbasis.arithmetic.export import check_base_layout
-from tvbasis.build import finalise_store
+from tvbasis.build import finalise_store, save_tensor_grams
 from tvbasis.engine.streaming import DEFAULT_CHUNK_ELEMENTS, GramStats, gram_pass
 from tvbasis.errors import TvbasisError
 from tvbasis.io.outputs import atomic_output, check_output_path
@@ -124,7 +128,7 @@ def add_task(
         cross += (S.T @ X).numpy()
         atom_gram += (S.T @ S).numpy()
 
-    stats = gram_pass(tvs, chunk_elements, observe=observe)
+    stats = gram_pass(tvs, chunk_elements, observe=observe, tensor_stats=store.has_tensor_grams)
     if stats.base_hash != store.manifest["base"]["content_hash"]:
         raise TvbasisError(
             f"{tvs.base.path}: base does not match the store: its weights differ from those the store was built on"
@@ -138,11 +142,13 @@ def add_task(
             )
 
     T = store.n_tasks
-    gram = np.full((T + 1, T + 1), np.nan)
-    gram[:T, :T] = store.gram
-    gram[T, T] = stats.gram[0, 0]
-    if not missing:
-        gram[T, :T] = gram[:T, T] = stats.gram[0, 1:]
+    gram = _grown(store.gram, stats.gram, known=not missing)
+    tensor_grams = None
+    if store.tensor_grams is not None:
+        assert stats.tensor_grams is not None
+        tensor_grams = {
+            n: _grown(old_n, stats.tensor_grams[n], known=not missing) for n, old_n in store.tensor_grams.items()
+        }
     # The projection and its error use inner products of the very same atom bytes: the stored
     # atom_gram may be exact (from G) while the atoms on disk are rounded, and for a task that
     # lies in their span the error formula would magnify that mismatch.
@@ -165,7 +171,19 @@ def add_task(
     }
     manifest = _updated_manifest(store, [*store.manifest["tasks"], entry], f"add-task {task.name}")
     result = AddedTask(task.name, entry["rel_error"], entry["cosine"], w[:, 0], not missing, missing)
-    return _write(store, out_path, manifest, matrices), result
+    return _write(store, out_path, manifest, matrices, tensor_grams), result
+
+
+def _grown(old: np.ndarray, new: np.ndarray, known: bool) -> np.ndarray:
+    """``old`` (T, T) with the new task appended last: ``new`` is the pass's Gram matrix over
+    [new task, *earlier tasks] (or over the new task alone, when ``known`` is False: NaN then)."""
+    T = old.shape[0]
+    gram = np.full((T + 1, T + 1), np.nan)
+    gram[:T, :T] = old
+    gram[T, T] = new[0, 0]
+    if known:
+        gram[T, :T] = gram[:T, T] = new[0, 1:]
+    return gram
 
 
 def remove_task(
@@ -183,7 +201,9 @@ def remove_task(
     matrices["decoder"] = store.decoder[:, keep]
     matrices["atom_cross"] = store.matrices["atom_cross"][:, keep]
     tasks = [task for i, task in enumerate(store.manifest["tasks"]) if i != t]
-    return _write(store, out_path, _updated_manifest(store, tasks, f"remove-task {name}"), matrices)
+    grams = store.tensor_grams
+    tensor_grams = None if grams is None else {n: g[np.ix_(keep, keep)] for n, g in grams.items()}
+    return _write(store, out_path, _updated_manifest(store, tasks, f"remove-task {name}"), matrices, tensor_grams)
 
 
 @dataclass
@@ -246,7 +266,8 @@ def refit(
     method = METHODS[m["method"]["name"]](**m["method"]["params"])
     known = None
     if plan.passes == 1:
-        known = GramStats(store.gram, m["base"]["content_hash"], [t["content_hash"] for t in m["tasks"]])
+        hashes = [t["content_hash"] for t in m["tasks"]]
+        known = GramStats(store.gram, m["base"]["content_hash"], hashes, store.tensor_grams)
     return build_store(
         plan.base,
         plan.tasks,
@@ -258,6 +279,7 @@ def refit(
         chunk_elements=chunk_elements,
         overwrite=True,
         known=known,
+        tensor_stats=store.has_tensor_grams,
     )
 
 
@@ -281,8 +303,15 @@ def _updated_manifest(store: Store, tasks: list[dict[str, Any]], operation: str)
     return m
 
 
-def _write(store: Store, out: Path, manifest: dict[str, Any], matrices: dict[str, np.ndarray]) -> Store:
+def _write(
+    store: Store,
+    out: Path,
+    manifest: dict[str, Any],
+    matrices: dict[str, np.ndarray],
+    tensor_grams: dict[str, np.ndarray] | None = None,
+) -> Store:
     """Write the updated store at ``out`` (replacing ``store`` itself when ``out`` is its path)."""
+    manifest.pop("tensor_stats", None)  # set again below when the per-tensor Gram matrices are written
     with atomic_output(out, overwrite=True) as tmp:
         src_atoms = store.path / ATOMS_DIR
         if src_atoms.is_dir():
@@ -297,5 +326,7 @@ def _write(store: Store, out: Path, manifest: dict[str, Any], matrices: dict[str
                 except OSError:
                     shutil.copy2(f, dst)
         save_matrices(tmp / MATRICES, matrices)
+        if tensor_grams is not None:
+            save_tensor_grams(tmp, manifest, tensor_grams, list(tensor_grams))
         finalise_store(tmp, manifest)
     return open_store(out)

@@ -3,8 +3,9 @@
 A partition is a run of consecutive tensors (``plan_partitions``; it depends on the tensor
 layout only). Each worker opens the checkpoints itself, by path, and streams its partition
 chunk by chunk with the local engine's code, so no tensor crosses the network: only the
-small results do (a T x T partial Gram matrix, per-tensor content digests, K x K and K x T
-partial atom statistics). The atom files are created by the client and each worker writes
+small results do (a T x T partial Gram matrix, with ``tensor_stats`` also the T x T Gram
+matrix of each of its tensors, per-tensor content digests, K x K and K x T partial atom
+statistics). The atom files are created by the client and each worker writes
 its rows at their places in them, so the workers need the output directory on a file
 system they share with the client (one machine, or a network file system).
 
@@ -36,6 +37,7 @@ from tvbasis.engine.streaming import (
     atom_sums,
     gram_sum,
     symmetrised,
+    symmetrised_tensor_grams,
 )
 from tvbasis.errors import TvbasisError
 from tvbasis.io.hashing import ContentHash, combine_digests
@@ -61,13 +63,14 @@ class TaskVectorSpec:
 
 
 def _gram_partition(
-    spec: TaskVectorSpec, tensors: list[str], chunk_elements: int, partition_elements: int
-) -> tuple[np.ndarray, list[list[bytes]]]:
+    spec: TaskVectorSpec, tensors: list[str], chunk_elements: int, partition_elements: int, tensor_stats: bool = False
+) -> tuple[np.ndarray, list[list[bytes]], dict[str, np.ndarray] | None]:
     set_quiet(True)
     tvs = spec.open(tensors)
     hashers = [ContentHash() for _ in range(tvs.n_tasks + 1)]
-    gram = gram_sum(tvs, chunk_elements, None, hashers, partition_elements)
-    return gram, [h.digests for h in hashers]
+    per_tensor: dict[str, np.ndarray] | None = {} if tensor_stats else None
+    gram = gram_sum(tvs, chunk_elements, None, hashers, partition_elements, per_tensor)
+    return gram, [h.digests for h in hashers], per_tensor
 
 
 def _atom_partition(
@@ -192,21 +195,28 @@ class DaskEngine:
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
         observe: Observer | None = None,
         hash_inputs: bool = True,
+        tensor_stats: bool = False,
     ) -> GramStats:
         if observe is not None:
             raise TvbasisError(
                 "this method learns from the data during the Gram pass, which the dask engine does not "
                 "distribute yet; use the local engine"
             )
-        results = self._run("Gram pass (dask)", tvs, _gram_partition, chunk_elements, self.partition_elements)
+        results = self._run(
+            "Gram pass (dask)", tvs, _gram_partition, chunk_elements, self.partition_elements, tensor_stats
+        )
         gram = np.zeros((tvs.n_tasks, tvs.n_tasks), dtype=np.float64)
         digests: list[list[bytes]] = [[] for _ in range(tvs.n_tasks + 1)]
-        for part_gram, part_digests in results:
+        # Each tensor lies in one partition, so its G_n comes whole from one worker.
+        per_tensor: dict[str, np.ndarray] | None = {} if tensor_stats else None
+        for part_gram, part_digests, part_tensors in results:
             gram += part_gram
             for mine, theirs in zip(digests, part_digests, strict=True):
                 mine.extend(theirs)
+            if per_tensor is not None:
+                per_tensor.update(part_tensors)
         hashes = [combine_digests(d) for d in digests] if hash_inputs else [""] * (tvs.n_tasks + 1)
-        return GramStats(symmetrised(gram), hashes[0], hashes[1:])
+        return GramStats(symmetrised(gram), hashes[0], hashes[1:], symmetrised_tensor_grams(tvs, per_tensor))
 
     def atom_pass(
         self,

@@ -6,6 +6,8 @@ only those rows of the base, the T task vectors and the atoms at a time:
 - the Gram pass accumulates ``G = V^T V`` in float64 (``G += X^T X`` per chunk ``X``),
   checks every value is finite, hashes the inputs' bytes and lets the basis method observe
   each chunk (the random basis gathers ``R^T R`` and ``R^T V`` there, TIES its histograms);
+  on request (``tensor_stats``) it also keeps each tensor's own ``G_n = X_n^T X_n`` from the
+  same per-chunk products (``sum_n G_n = G``), the statistics the planner reads;
 - the atom pass computes each chunk's atoms from its task-vector rows and hands them to a
   writer. Where the atoms' inner products are not known exactly from ``G`` (atoms stored in
   fp16/bf16, or not linear in ``V``), it also accumulates ``S^T S`` and ``S^T V`` of the
@@ -82,6 +84,8 @@ class GramStats:
     gram: np.ndarray  # (T, T) float64
     base_hash: str  # content hashes (``tvbasis.io.hashing``) of the base's and each task's tensors
     task_hashes: list[str]
+    #: With ``tensor_stats``: ``G_n = X_n^T X_n`` (T, T) float64 of every tensor, in layout order.
+    tensor_grams: dict[str, np.ndarray] | None = None
 
 
 @dataclass
@@ -194,19 +198,23 @@ def gram_sum(
     observe: Observer | None = None,
     hashers: Sequence[ContentHash] | None = None,
     partition_elements: int = PARTITION_ELEMENTS,
+    tensor_grams: dict[str, np.ndarray] | None = None,
 ) -> np.ndarray:
     """``V^T V`` over ``tvs``' tensors, unsymmetrised: per-partition sums added in order.
 
     ``hashers`` (base first, then each task) are fed every input's bytes. A worker of the
     distributed engine calls this on one partition; :func:`gram_pass` on all of them.
     A worker thread reads, hashes and converts the chunks, in order, while this one
-    accumulates the products.
+    accumulates the products. ``tensor_grams``, if given, receives each tensor's own
+    ``X_n^T X_n`` (unsymmetrised) from the same per-chunk products: no extra read, and a
+    tensor never spans two partitions, so every engine gets the same bits.
     """
     T = tvs.n_tasks
     chunks = plan_chunks(tvs.tensors, pass_chunk_elements(chunk_elements, T))
     ends = partition_ends(tvs, partition_elements)
     gram = np.zeros((T, T), dtype=np.float64)
     partial = np.zeros((T, T), dtype=np.float64)
+    per_tensor = np.zeros((T, T), dtype=np.float64) if tensor_grams is not None else None
     buffers = _Buffers(tvs, chunks, x_sets=2)
     dense, lora = tvs.dense_tasks, tvs.lora_tasks
     # A LoRA task's rows are materialised only where a full fine-tune needs them (their inner
@@ -245,6 +253,11 @@ def gram_sum(
                     update = _mixed_update(T, dense, lora, X, factors)
                 _check_finite(tvs, chunk, np.diagonal(update))
                 partial += update
+                if per_tensor is not None:
+                    per_tensor += update
+                    if chunk.last:
+                        tensor_grams[chunk.tensor] = per_tensor.copy()  # type: ignore[index]
+                        per_tensor[:] = 0.0
                 if chunk.last and chunk.tensor in ends:
                     gram += partial
                     partial[:] = 0.0
@@ -323,15 +336,27 @@ def gram_pass(
     observe: Observer | None = None,
     hash_inputs: bool = True,
     partition_elements: int = PARTITION_ELEMENTS,
+    tensor_stats: bool = False,
 ) -> GramStats:
-    """Stream all task vectors once; return ``G`` and the inputs' content hashes."""
+    """Stream all task vectors once; return ``G`` and the inputs' content hashes (and, with
+    ``tensor_stats``, every tensor's own Gram matrix ``G_n``, gathered in the same pass)."""
     hashers = [ContentHash() for _ in range(tvs.n_tasks + 1)] if hash_inputs else None
-    gram = gram_sum(tvs, chunk_elements, observe, hashers, partition_elements)
+    per_tensor: dict[str, np.ndarray] | None = {} if tensor_stats else None
+    gram = gram_sum(tvs, chunk_elements, observe, hashers, partition_elements, per_tensor)
     return GramStats(
         gram=symmetrised(gram),
         base_hash=hashers[0].hexdigest() if hashers else "",
         task_hashes=[h.hexdigest() for h in hashers[1:]] if hashers else [],
+        tensor_grams=symmetrised_tensor_grams(tvs, per_tensor),
     )
+
+
+def symmetrised_tensor_grams(tvs: TaskVectorSet, raw: dict[str, np.ndarray] | None) -> dict[str, np.ndarray] | None:
+    """The per-tensor sums in layout order, symmetrised like ``G``."""
+    if raw is None:
+        return None
+    zero = np.zeros((tvs.n_tasks, tvs.n_tasks), dtype=np.float64)  # a tensor with no entries has no chunk
+    return {i.name: symmetrised(raw.get(i.name, zero)) for i in tvs.tensors}
 
 
 def symmetrised(gram: np.ndarray) -> np.ndarray:
@@ -486,6 +511,7 @@ class Engine(Protocol):
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
         observe: Observer | None = None,
         hash_inputs: bool = True,
+        tensor_stats: bool = False,
     ) -> GramStats: ...
 
     def atom_pass(
@@ -514,8 +540,9 @@ class LocalEngine:
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
         observe: Observer | None = None,
         hash_inputs: bool = True,
+        tensor_stats: bool = False,
     ) -> GramStats:
-        return gram_pass(tvs, chunk_elements, observe, hash_inputs, self.partition_elements)
+        return gram_pass(tvs, chunk_elements, observe, hash_inputs, self.partition_elements, tensor_stats)
 
     def atom_pass(
         self,

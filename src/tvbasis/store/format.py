@@ -9,6 +9,8 @@ A store is a directory that uploads to a model hub as it is::
       matrices.safetensors    decoder (K x T), gram (T x T), atom_gram, atom_cross, state.*
       atoms/atom-000.safetensors ...   one file (or shards) per stored vector, keyed by the
       atoms/mean.safetensors           base's tensor names, so each is itself a task vector
+      tensor_gram.safetensors  optional (``build --tensor-stats``): each tensor's own T x T Gram
+                               matrix G_n, keyed by the tensor's name (sum over n = gram)
       README.md               a short model card
 
 The directory is assembled under a temporary name and renamed when complete, and
@@ -40,6 +42,8 @@ FORMAT_VERSION = 1
 MANIFEST = "tvbasis.json"
 MATRICES = "matrices.safetensors"
 ATOMS_DIR = "atoms"
+#: Per-tensor Gram matrices (opt-in): one (T, T) float64 tensor per task-vector tensor.
+TENSOR_GRAM = "tensor_gram.safetensors"
 
 
 def vector_names(n_atoms: int, has_mean: bool) -> list[str]:
@@ -97,6 +101,25 @@ class Store:
     @property
     def gram(self) -> np.ndarray:
         return self.matrices["gram"]
+
+    @property
+    def has_tensor_grams(self) -> bool:
+        return TENSOR_GRAM in self.manifest.get("files", {})
+
+    @cached_property
+    def tensor_grams(self) -> dict[str, np.ndarray] | None:
+        """Each tensor's ``G_n = X_n^T X_n`` (T, T) in layout order, or None for a store built
+        without ``--tensor-stats`` (read on first use: the file can be large)."""
+        if not self.has_tensor_grams:
+            return None
+        try:
+            arrays = load_numpy(str(self.path / TENSOR_GRAM))
+        except Exception as exc:
+            raise StoreError(f"{self.path / TENSOR_GRAM}: cannot read ({exc})") from None
+        missing = [n for n in self._shapes if n not in arrays]
+        if missing:
+            raise StoreError(f"{self.path / TENSOR_GRAM}: no Gram matrix for tensor {missing[0]!r}")
+        return {n: arrays[n] for n in self._shapes}
 
     @property
     def tensors(self) -> list[TensorInfo]:
@@ -170,6 +193,7 @@ class Store:
             "dim": m["dim"],
             "bytes": m["bytes"],
             "base": {k: m["base"][k] for k in ("source", "fingerprint")},
+            **({"tensor_stats": True} if self.has_tensor_grams else {}),
         }
 
 
