@@ -22,6 +22,8 @@ from tvbasis.errors import TvbasisError
 from tvbasis.progress import set_quiet
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from tvbasis.engine.streaming import Engine
 
 app = typer.Typer(
@@ -147,6 +149,13 @@ def build(
             "--trust-scheduler", help="[dask] use --scheduler although Dask exchanges pickles with it (trusted only)."
         ),
     ] = False,
+    tensor_stats: Annotated[
+        bool,
+        typer.Option(
+            "--tensor-stats",
+            help="Also keep each tensor's T x T Gram matrix (for tvbasis plan; T^2 x tensors x 8 bytes).",
+        ),
+    ] = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -208,6 +217,7 @@ def build(
                 max_shard_bytes=max_shard_bytes,
                 overwrite=overwrite,
                 engine=runner,
+                tensor_stats=tensor_stats,
             )
         finally:
             runner.close()
@@ -551,6 +561,16 @@ def finetune(
         _fail(exc)
 
 
+# The edit options of the text and vision ``evaluate`` commands.
+EditStore = Annotated[Path | None, typer.Option(help="Evaluate base + an edit through this store.")]
+EditAdd = Annotated[list[str] | None, typer.Option(help="With --store: NAME=COEF; repeat.")]
+EditAddAll = Annotated[float | None, typer.Option(help="With --store: add every task with this weight.")]
+EditNegate = Annotated[list[str] | None, typer.Option(help="With --store: subtract this task; repeat.")]
+EditScale = Annotated[float, typer.Option(help="With --store: lambda.")]
+EvalSplit = Annotated[str, typer.Option(help="train, val or test.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
 @app.command()
 def evaluate(
     task: Annotated[list[str], typer.Option(help="Text-suite task to evaluate on; repeat.")],
@@ -558,42 +578,65 @@ def evaluate(
     weights: Annotated[
         Path | None, typer.Option(help="Evaluate this fine-tune (HF directory) instead of the base.")
     ] = None,
-    store: Annotated[Path | None, typer.Option(help="Evaluate base + an edit through this store.")] = None,
-    add: Annotated[list[str] | None, typer.Option(help="[store] NAME=COEF; repeat.")] = None,
-    add_all: Annotated[float | None, typer.Option(help="[store] add every task with this weight.")] = None,
-    negate: Annotated[list[str] | None, typer.Option(help="[store] subtract this task; repeat.")] = None,
-    scale: Annotated[float, typer.Option(help="[store] lambda.")] = 1.0,
-    split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
+    store: EditStore = None,
+    add: EditAdd = None,
+    add_all: EditAddAll = None,
+    negate: EditNegate = None,
+    scale: EditScale = 1.0,
+    split: EvalSplit = "test",
     cache: Annotated[Path | None, typer.Option(help="Cache directory for derived models.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the data splits.")] = 0,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    as_json: AsJson = False,
 ) -> None:
     """Accuracy of the base, a fine-tune, or the base edited through a store, on text-suite tasks."""
-    from tvbasis.arithmetic import combination_state, task_coefficients
-    from tvbasis.store import open_store
     from tvbasis.textsuite.data import load_task
     from tvbasis.textsuite.model import Evaluator
     from tvbasis.textsuite.presets import default_cache
     from tvbasis.textsuite.suite import resolve_model, task_vector
 
     try:
-        if weights is not None and store is not None:
-            raise TvbasisError("--weights and --store: give one of them")
+        _one_edit_source(weights, store)
         base = resolve_model(model, cache or default_cache())
         ev = Evaluator(base, [load_task(n, seed=seed) for n in task])
-        if weights is not None:
-            ev.set_task_vector(task_vector(ev.base_state(), weights))
-        elif store is not None:
-            s = open_store(store)
-            a = _weights_from_options(s.task_names, add, add_all, negate)
-            ev.set_task_vector(combination_state(s, task_coefficients(s.decoder, a, scale)))
+        _apply_edit(ev, weights, task_vector, store, add, add_all, negate, scale)
         accs = {n: ev.accuracy(n, split) for n in task}
     except TvbasisError as exc:
         _fail(exc)
+    _print_accuracies(accs, "task", split, as_json)
+
+
+def _one_edit_source(weights: Path | None, store: Path | None) -> None:
+    if weights is not None and store is not None:
+        raise TvbasisError("--weights and --store: give one of them")
+
+
+def _apply_edit(
+    ev: Any,
+    weights: Path | None,
+    task_vector: Callable[[dict[str, Any], Path], dict[str, Any]],
+    store: Path | None,
+    add: list[str] | None,
+    add_all: float | None,
+    negate: list[str] | None,
+    scale: float,
+) -> None:
+    """Set a suite evaluator to the fine-tune ``weights`` (its task vector) or to the base edited through ``store``."""
+    from tvbasis.arithmetic import combination_state, task_coefficients
+    from tvbasis.store import open_store
+
+    if weights is not None:
+        ev.set_task_vector(task_vector(ev.base_state(), weights))
+    elif store is not None:
+        s = open_store(store)
+        a = _weights_from_options(s.task_names, add, add_all, negate)
+        ev.set_task_vector(combination_state(s, task_coefficients(s.decoder, a, scale)))
+
+
+def _print_accuracies(accs: dict[str, float], what: str, split: str, as_json: bool) -> None:
     if as_json:
         sys.stdout.write(json.dumps(accs, indent=2) + "\n")
         return
-    table = Table("task", f"{split} accuracy")
+    table = Table(what, f"{split} accuracy")
     for n, acc in accs.items():
         table.add_row(n, f"{acc:.4f}")
     out.print(table)
@@ -630,6 +673,53 @@ def import_tvb(
     out.print(
         "not in the run directory: the Gram matrix and the tasks' norms and errors (shown as nan), and the base "
         "(edit needs --ignore-base-mismatch)",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@app.command()
+def plan(
+    store: Annotated[Path, typer.Argument(help="Store directory (built with --tensor-stats).")],
+    atoms: Annotated[
+        list[int] | None,
+        typer.Option("--atoms", "-M", help="Atoms of a per-tensor PCA basis to price; repeat (default: M)."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Per tensor, from the stored matrices only: energy share, the store basis's error, and a per-tensor PCA's."""
+    from tvbasis.planning import estimate_store
+    from tvbasis.store import open_store
+
+    try:
+        est = estimate_store(open_store(store), atoms or ())
+    except TvbasisError as exc:
+        _fail(exc)
+    if as_json:
+        sys.stdout.write(json.dumps(est.to_dict(), indent=2) + "\n")
+        return
+    out.print(
+        f"[bold]{escape(est.store)}[/]: {est.method} basis, K = {est.n_vectors} stored vectors, "
+        f"T = {est.n_tasks}, atoms {est.dtype}"
+    )
+    table = Table(caption=f"basis: the store's own {est.method} basis on each tensor; M=m: a per-tensor PCA basis")
+    table.add_column("tensor", overflow="fold")  # long tensor names wrap in narrow terminals, whole
+    for header in ["energy", "basis err", "bytes"] + [h for m in est.atoms for h in (f"M={m} err", "bytes")]:
+        table.add_column(header, justify="right", no_wrap=True)
+    for t in est.tensors:
+        cells = [f"{100 * t.energy_share:.2f}%", f"{t.basis_rel_error:.4f}", f"{t.basis_bytes:,}"]
+        for m in est.atoms:
+            cells += [f"{t.pca_rel_error[m]:.4f}", f"{t.pca_bytes[m]:,}"]
+        table.add_row(escape(t.name), *cells)
+    total = ["100.00%", f"{est.total_basis_rel_error:.4f}", f"{est.total_basis_bytes:,}"]
+    for m in est.atoms:
+        total += [f"{est.total_pca_rel_error[m]:.4f}", f"{est.total_pca_bytes[m]:,}"]
+    table.add_row("[bold]total[/]", *total)
+    out.print(table)
+    out.print(
+        f"errors: relative squared error over all tasks; bytes: payload (atoms in {est.dtype}, float64 "
+        f"coefficients; the store basis's K x T coefficients are in its total) of {est.original_fp32:,} "
+        f"fp32 bytes" + ("; store-basis errors are of its atoms before rounding" if est.dtype != "fp32" else ""),
         highlight=False,
         soft_wrap=True,
     )
@@ -781,49 +871,38 @@ def vision_evaluate(
     weights: Annotated[
         Path | None, typer.Option(help="Evaluate this fine-tune (HF CLIP directory or open_clip state dict).")
     ] = None,
-    store: Annotated[Path | None, typer.Option(help="Evaluate base + an edit through this store.")] = None,
-    add: Annotated[list[str] | None, typer.Option(help="With --store: NAME=COEF; repeat.")] = None,
-    add_all: Annotated[float | None, typer.Option(help="With --store: add every task with this weight.")] = None,
-    negate: Annotated[list[str] | None, typer.Option(help="With --store: subtract this task; repeat.")] = None,
-    scale: Annotated[float, typer.Option(help="With --store: lambda.")] = 1.0,
-    split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
+    store: EditStore = None,
+    add: EditAdd = None,
+    add_all: EditAddAll = None,
+    negate: EditNegate = None,
+    scale: EditScale = 1.0,
+    split: EvalSplit = "test",
     limit: Annotated[int | None, typer.Option(help="Only the first N images of the split (a seeded shuffle).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the validation carve and split order.")] = 0,
     device: Device = "auto",
     workers: Workers = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    as_json: AsJson = False,
 ) -> None:
     """Accuracy of the base, a fine-tune, or the base edited through a store, on image-folder datasets."""
-    from tvbasis.arithmetic import combination_state, task_coefficients
-    from tvbasis.store import open_store
+    from functools import partial
+
     from tvbasis.vision.convert import vision_task_vector
     from tvbasis.vision.data import load_task
     from tvbasis.vision.model import Evaluator, check_base
 
     try:
-        if weights is not None and store is not None:
-            raise TvbasisError("--weights and --store: give one of them")
+        _one_edit_source(weights, store)
         if split not in ("train", "val", "test"):
             raise TvbasisError(f"--split {split!r}: choose train, val or test")
         check_base(base)
         tasks = [load_task(data_root, n, seed=seed, need_train=split == "train") for n in dataset]
         ev = Evaluator(base, tasks, device=device, workers=workers)
-        if weights is not None:
-            ev.set_task_vector(vision_task_vector(ev.base_state(), weights, base))
-        elif store is not None:
-            s = open_store(store)
-            a = _weights_from_options(s.task_names, add, add_all, negate)
-            ev.set_task_vector(combination_state(s, task_coefficients(s.decoder, a, scale)))
+        tv = partial(vision_task_vector, base_source=base)
+        _apply_edit(ev, weights, tv, store, add, add_all, negate, scale)
         accs = {t.name: ev.accuracy(t.name, split, limit) for t in tasks}
     except TvbasisError as exc:
         _fail(exc)
-    if as_json:
-        sys.stdout.write(json.dumps(accs, indent=2) + "\n")
-        return
-    table = Table("dataset", f"{split} accuracy")
-    for n, acc in accs.items():
-        table.add_row(n, f"{acc:.4f}")
-    out.print(table)
+    _print_accuracies(accs, "dataset", split, as_json)
 
 
 @vision_app.command("suite")
@@ -904,7 +983,7 @@ def vision_suite(
         results = run_suite(config, log=(lambda _: None) if quiet else _log)
     except TvbasisError as exc:
         _fail(exc)
-    from tvbasis.textsuite.report import addition_table
+    from tvbasis.evaluation.report import addition_table
     from tvbasis.vision.report import negation_rows
 
     out.print(addition_table(results), highlight=False, soft_wrap=True)
@@ -929,29 +1008,6 @@ compose_app = typer.Typer(
     help="Compose a store's task vectors or atoms with learned (aTLAS) or per-sample (variational) coefficients.",
 )
 app.add_typer(compose_app, name="compose")
-
-
-def _composition(meta: dict[str, Any], cache: Path | None, test_limit: int | None = None) -> Any:
-    """The few-shot setting a composer was trained in, rebuilt from what it saved."""
-    from tvbasis.textsuite.compose import FewShotComposition, few_shot
-    from tvbasis.textsuite.data import load_task
-
-    seed = int(meta.get("seed") or 0)
-    shots = meta.get("shots")
-    tasks = [load_task(n, seed=seed) for n in meta["tasks"]]
-    if shots:
-        tasks = [few_shot(t, int(shots), seed) for t in tasks]
-    return FewShotComposition(
-        Path(meta["base"]),
-        tasks,
-        meta["store"],
-        over=meta["over"],
-        blocks=meta["blocks"],
-        rank=meta.get("rank"),
-        test_limit=test_limit if test_limit is not None else meta.get("test_limit"),
-        seed=seed,
-        shots=shots,
-    )
 
 
 @compose_app.command("train")
@@ -985,6 +1041,7 @@ def compose_train(
     from tvbasis.composition import ComposerConfig, save_composer
     from tvbasis.io.outputs import check_output_path
     from tvbasis.store import open_store
+    from tvbasis.textsuite.compose import composition_from_meta
     from tvbasis.textsuite.presets import default_cache
     from tvbasis.textsuite.suite import resolve_model
 
@@ -1005,7 +1062,7 @@ def compose_train(
             "seed": seed,
             "test_limit": test_limit,
         }
-        setting = _composition(meta, cache)
+        setting = composition_from_meta(meta)
         result, composer = setting.run(config, steps=steps, batch_size=batch_size, lr=lr)
         save_composer(
             composer,
@@ -1034,17 +1091,17 @@ def compose_eval(
     composer: Annotated[Path, typer.Argument(help="Composer directory (from compose train).")],
     split: Annotated[str, typer.Option(help="test or train (the shots).")] = "test",
     test_limit: Annotated[int | None, typer.Option(help="At most this many test items per task.")] = None,
-    cache: Annotated[Path | None, typer.Option(help="Cache directory for derived models.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Accuracy of a saved composer on its tasks, with the share of coefficients its gate drops."""
     from tvbasis.composition import load_composer
+    from tvbasis.textsuite.compose import composition_from_meta
 
     try:
         if split not in ("test", "train"):
             raise TvbasisError(f"--split {split!r}: test or train")
         comp, meta = load_composer(composer)
-        setting = _composition(meta, cache, test_limit)
+        setting = composition_from_meta(meta, test_limit)
         accs, sparsity = setting.accuracy(comp, split)
     except TvbasisError as exc:
         _fail(exc)
@@ -1061,19 +1118,19 @@ def compose_export(
     task: Annotated[
         str | None, typer.Option(help="Per-sample composers: average the coefficients over this task's shots.")
     ] = None,
-    cache: Annotated[Path | None, typer.Option(help="Cache directory for derived models.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
     quiet: Quiet = False,
 ) -> None:
     """Write base + the composition as a model: shared coefficients as learned, per-sample ones averaged."""
     from tvbasis.composition import export_composition, load_composer
     from tvbasis.io.outputs import check_output_path
+    from tvbasis.textsuite.compose import composition_from_meta
 
     set_quiet(quiet)
     try:
         check_output_path(out, overwrite)
         comp, meta = load_composer(composer)
-        setting = _composition(meta, cache)
+        setting = composition_from_meta(meta)
         z = setting.task_coefficients(comp, task).numpy()
         export_composition(
             meta["base"], setting.store, setting.directions.to_vectors, setting.block_of, z, out, overwrite=overwrite

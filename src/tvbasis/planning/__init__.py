@@ -1,4 +1,4 @@
-"""What the planner of issue 8 reads: per-tensor statistics of a store, and the error and
+"""What a byte-budget planner reads: per-tensor statistics of a store, and the error and
 bytes of candidate codes estimated from them (``tvbasis plan``). See docs/codes.md."""
 
 from tvbasis.planning.estimates import (

@@ -26,11 +26,9 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
 import shutil
 import time
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,6 +39,15 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from tvbasis.errors import TvbasisError
+from tvbasis.evaluation.training import optimizer_step, training_stats
+from tvbasis.io.cache_dirs import (
+    WEIGHTS_FILE,
+    check_replaceable,
+    fingerprint_files,
+    install,
+    marker_matches,
+    tmp_dir,
+)
 from tvbasis.io.checkpoint import Checkpoint, open_checkpoint
 
 if TYPE_CHECKING:
@@ -55,7 +62,6 @@ DEFAULT_MAX_LENGTH = 32
 FINETUNE_MARKER = "tvbasis-finetune.json"
 DERIVED_MARKER = "tvbasis-derived.json"
 HEAD_FILE = "zeroshot_head.safetensors"
-WEIGHTS_FILE = "model.safetensors"
 
 # Files besides the weights that make a model directory usable (config, tokenizer, and the
 # sentence-transformers module files so the output also loads as a SentenceTransformer).
@@ -104,10 +110,10 @@ def derive_small_model(src_dir: str | Path, out_dir: str | Path, n_layers: int =
     if not 1 <= n_layers <= total:
         raise TvbasisError(f"n_layers={n_layers}: {src_dir} has {total} layers; pick 1..{total}")
     stamp = {"source": fingerprint_model(src_dir), "n_layers": n_layers, "code_version": CODE_VERSION}
-    if _marker_matches(out_dir, DERIVED_MARKER, stamp):
+    if marker_matches(out_dir, DERIVED_MARKER, stamp):
         return out_dir
-    _check_replaceable(out_dir, DERIVED_MARKER)
-    tmp = _tmp_dir(out_dir)
+    check_replaceable(out_dir, DERIVED_MARKER)
+    tmp = tmp_dir(out_dir)
     try:
         _copy_aux(src_dir, tmp)
         config["num_hidden_layers"] = n_layers
@@ -123,7 +129,7 @@ def derive_small_model(src_dir: str | Path, out_dir: str | Path, n_layers: int =
             }
             save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / DERIVED_MARKER).write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n")
-        _install(tmp, out_dir, lambda: _marker_matches(out_dir, DERIVED_MARKER, stamp))
+        install(tmp, out_dir, lambda: marker_matches(out_dir, DERIVED_MARKER, stamp))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
@@ -132,23 +138,6 @@ def derive_small_model(src_dir: str | Path, out_dir: str | Path, n_layers: int =
 # --------------------------------------------------------------------------------------------
 # Hashing (cache keys)
 # --------------------------------------------------------------------------------------------
-_file_digests: dict[tuple[str, int, int], str] = {}
-
-
-def _file_digest(path: Path) -> str:
-    """SHA-256 of a file, memoised per (path, size, mtime) so repeated cache lookups stay cheap."""
-    st = path.stat()
-    memo = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    digest = _file_digests.get(memo)
-    if digest is None:
-        h = hashlib.sha256()
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        digest = _file_digests[memo] = h.hexdigest()
-    return digest
-
-
 def fingerprint_model(model_dir: str | Path) -> str:
     """Hash of a model directory's weight files plus its config and tokenizer files (by content)."""
     model_dir = Path(model_dir)
@@ -157,10 +146,7 @@ def fingerprint_model(model_dir: str | Path) -> str:
         if ckpt.index_file is not None:
             files = [ckpt.index_file, *files]
     files += [model_dir / n for n in _AUX_FILES if (model_dir / n).is_file()]
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f"{f.name}\0{_file_digest(f)}\n".encode())
-    return h.hexdigest()
+    return fingerprint_files(files)
 
 
 def fingerprint_task(task: TaskData) -> str:
@@ -327,18 +313,7 @@ def finetune_key(base_dir: str | Path, task: TaskData, config: FinetuneConfig | 
 
 def is_complete(out_dir: str | Path, key: str) -> bool:
     """Whether ``out_dir`` holds a finished fine-tune made with cache key ``key``."""
-    return _marker_matches(Path(out_dir), FINETUNE_MARKER, {"key": key})
-
-
-def _marker_matches(out_dir: Path, marker: str, expected: Mapping[str, Any]) -> bool:
-    """Whether ``out_dir`` has weights, config and a marker JSON holding the ``expected`` items."""
-    if not all((out_dir / n).is_file() for n in (marker, WEIGHTS_FILE, "config.json")):
-        return False
-    try:
-        found = json.loads((out_dir / marker).read_text())
-        return all(found.get(k) == v for k, v in expected.items())
-    except (OSError, ValueError, AttributeError):
-        return False
+    return marker_matches(Path(out_dir), FINETUNE_MARKER, {"key": key})
 
 
 def finetune(
@@ -382,9 +357,9 @@ def finetune(
     if is_complete(out_dir, key):
         log.info("fine-tune %s: reusing %s", task.name, out_dir)
         return out_dir
-    _check_replaceable(out_dir, FINETUNE_MARKER)
+    check_replaceable(out_dir, FINETUNE_MARKER)
     _check_task(task)
-    tmp = _tmp_dir(out_dir)
+    tmp = tmp_dir(out_dir)
     try:
         stats = _train_and_write(base_dir, task, cfg, tmp)
         marker = {
@@ -402,7 +377,7 @@ def finetune(
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         (tmp / FINETUNE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        _install(tmp, out_dir, lambda: is_complete(out_dir, key))
+        install(tmp, out_dir, lambda: is_complete(out_dir, key))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
@@ -475,25 +450,12 @@ def _train_and_write(base_dir: Path, task: TaskData, cfg: FinetuneConfig, out: P
                 ids, mask = _pad([seqs[i] for i in idx], pad_id)
                 logits = cfg.logit_scale * embed(model, ids, mask) @ head.T
                 loss = F.cross_entropy(logits, labels[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
-                sched.step()
-                losses.append(loss.item())
+                losses.append(optimizer_step(loss, opt, sched, params, cfg.grad_clip))
             train_s = time.perf_counter() - t_train
         model.eval()
         _write_checkpoint(base_dir, ckpt, model, mapping, out)
     save_file({"head": head.contiguous()}, str(out / HEAD_FILE), metadata={"format": "pt"})
-    k = max(1, min(5, len(losses)))
-    return {
-        "steps": total,
-        "train_seconds": round(train_s, 3),
-        "total_seconds": round(time.perf_counter() - t0, 3),
-        "loss_first": sum(losses[:k]) / k,
-        "loss_last": sum(losses[-k:]) / k,
-    }
+    return training_stats(losses, train_s, t0)
 
 
 def _write_checkpoint(
@@ -515,13 +477,6 @@ def _write_checkpoint(
 # --------------------------------------------------------------------------------------------
 # Directory helpers
 # --------------------------------------------------------------------------------------------
-def _tmp_dir(out_dir: Path) -> Path:
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    return tmp
-
-
 def _copy_aux(src: Path, dst: Path) -> None:
     for name in _AUX_FILES:
         if (src / name).is_file():
@@ -529,29 +484,6 @@ def _copy_aux(src: Path, dst: Path) -> None:
     for name in _AUX_DIRS:
         if (src / name).is_dir():
             shutil.copytree(src / name, dst / name)
-
-
-def _check_replaceable(out_dir: Path, marker: str) -> None:
-    """Refuse to replace a non-empty directory that this module did not write."""
-    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / marker).is_file())):
-        raise TvbasisError(f"{out_dir}: exists and is not a tvbasis output ({marker} missing); not overwriting it")
-
-
-def _install(tmp: Path, out_dir: Path, done_by_other) -> None:
-    """Rename the finished ``tmp`` into place, replacing an older output (not a concurrent equal one)."""
-    if out_dir.exists():
-        if done_by_other():
-            return  # another process finished the same work first; keep theirs
-        trash = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        out_dir.rename(trash)
-        tmp.rename(out_dir)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        try:
-            tmp.rename(out_dir)
-        except OSError:
-            if not (out_dir.exists() and done_by_other()):
-                raise
 
 
 # --------------------------------------------------------------------------------------------

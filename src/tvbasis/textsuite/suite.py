@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,20 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from tvbasis.arithmetic import atoms_sum_coefficients, combination_state, task_coefficients, task_weights
-from tvbasis.arithmetic.merge import MergeSpec, merged_state
-from tvbasis.build import build_store
 from tvbasis.errors import TvbasisError
-from tvbasis.evaluation import (
-    effect_retained,
-    gain_retained,
-    search_addition,
-    search_negation,
-)
+from tvbasis.evaluation import runner
 from tvbasis.io import open_checkpoint
-from tvbasis.methods import make_method
 from tvbasis.progress import progress
-from tvbasis.store import Store
 from tvbasis.tasks import TaskSource
 from tvbasis.textsuite.data import TASK_NAMES, TaskData, load_task
 from tvbasis.textsuite.model import Evaluator, derive_small_model, finetune_cached, minilm_path
@@ -100,17 +90,6 @@ def task_vector(base: Mapping[str, torch.Tensor], finetuned_dir: Path) -> dict[s
     return {name: ckpt.read(name).to(torch.float32) - value for name, value in base.items()}
 
 
-@dataclass
-class _Edit:
-    """One way of editing the base: a label, and the delta for given task weights."""
-
-    label: str
-    method: str
-    n_atoms: int | None
-    bytes_ratio: float
-    delta: Callable[[np.ndarray], dict[str, torch.Tensor]]
-
-
 def run_suite(config: SuiteConfig, log: Log = print) -> dict[str, Any]:
     """Run the whole experiment; write results.json, report.md and plots under ``config.out_dir``."""
     t_start = time.perf_counter()
@@ -125,193 +104,49 @@ def run_suite(config: SuiteConfig, log: Log = print) -> dict[str, Any]:
     names = [t.name for t in tasks]
 
     # 1. fine-tunes (cached)
-    t0 = time.perf_counter()
     ft_dirs: dict[str, Path] = {}
-    with progress(len(tasks), "Fine-tuning", unit="task") as bar:
+    with runner.timed(timings, "finetune"), progress(len(tasks), "Fine-tuning", unit="task") as bar:
         for task in tasks:
             ft_dirs[task.name] = finetune_cached(
                 base_dir, task, config.cache_dir / "finetunes", seed=config.seed, **config.finetune
             )
             bar.update(1)
-    timings["finetune"] = time.perf_counter() - t0
     log(f"fine-tunes ready ({timings['finetune']:.0f} s): {config.cache_dir / 'finetunes'}")
 
     # 2. denominators
-    t0 = time.perf_counter()
-    ev = Evaluator(base_dir, tasks)
-    base = ev.base_state()
-    split_limit = {"val": config.val_limit, "test": config.test_limit}
+    limits = runner.Limits.of(config)
+    with runner.timed(timings, "denominators"):
+        ev = Evaluator(base_dir, tasks)
+        base = ev.base_state()
 
-    def accuracies(split: str, subset: Sequence[str] = names) -> dict[str, float]:
-        return {n: ev.accuracy(n, split, split_limit[split]) for n in subset}
+        def read_tv(n: str) -> dict[str, torch.Tensor]:
+            return task_vector(base, ft_dirs[n])
 
-    zs = {"val": accuracies("val"), "test": accuracies("test")}
-    ft: dict[str, dict[str, float]] = {"val": {}, "test": {}}
-    full_sum: dict[str, torch.Tensor] = {k: torch.zeros_like(v) for k, v in base.items()}
-    for n in names:
-        tau = task_vector(base, ft_dirs[n])
-        ev.set_task_vector(tau)
-        for split in ("val", "test"):
-            ft[split][n] = ev.accuracy(n, split, split_limit[split])
-        for k in full_sum:
-            full_sum[k] += tau[k]
-        del tau
-    ev.reset()
-    timings["denominators"] = time.perf_counter() - t0
+        zs = runner.zero_shot(ev, names, limits)
+        ft, full_sum = runner.finetuned(ev, names, base, read_tv, limits)
     zs_mean, ft_mean = np.mean(list(zs["test"].values())), np.mean(list(ft["test"].values()))
     log(f"zero-shot mean test acc {zs_mean:.3f}, fine-tuned {ft_mean:.3f}")
 
     # 3. stores
-    t0 = time.perf_counter()
-    sources = [TaskSource(n, ft_dirs[n]) for n in names]
-    stores: dict[tuple[str, int], Store] = {}
-    (config.out_dir / "stores").mkdir(exist_ok=True)
-    for method in config.methods:
-        for m in config.n_atoms:
-            if m > len(names):
-                continue
-            path = config.out_dir / "stores" / f"{method}-M{m}"
-            est = make_method(method, m, **config.method_settings.get(method, {}))
-            stores[(method, m)] = build_store(base_dir, sources, est, path, overwrite=True)
-    timings["build"] = time.perf_counter() - t0
+    with runner.timed(timings, "build"):
+        sources = [TaskSource(n, ft_dirs[n]) for n in names]
+        atoms = [m for m in config.n_atoms if m <= len(names)]
+        stores = runner.build_stores(base_dir, sources, config.methods, atoms, config.method_settings, config.out_dir)
     gram = next(iter(stores.values())).gram if stores else None
     if gram is None:
         raise TvbasisError("no store was built: check --methods and --atoms against the number of tasks")
+    edits = runner.store_edits(
+        stores,
+        runner.full_delta(names, full_sum, read_tv),
+        config.atoms_mode_methods,
+        config.merges,
+        config.merge_methods,
+    )
 
-    tv_cache: dict[str, dict[str, torch.Tensor]] = {}
-
-    def full_delta(a: np.ndarray) -> dict[str, torch.Tensor]:
-        """The full task vectors' combination: the running sum, or one task read back from its fine-tune."""
-        if np.allclose(a, 1.0):
-            return full_sum
-        nz = np.nonzero(a)[0]
-        if len(nz) != 1:
-            raise RuntimeError("full deltas are only needed for all-ones or single-task weights")
-        n = names[int(nz[0])]
-        if n not in tv_cache:
-            tv_cache.clear()  # hold at most one task vector
-            tv_cache[n] = task_vector(base, ft_dirs[n])
-        return {k: float(a[nz[0]]) * v for k, v in tv_cache[n].items()}
-
-    edits: list[_Edit] = [_Edit("full task vectors", "full", None, 1.0, full_delta)]
-    for (method, m), store in stores.items():
-        ratio = store.manifest["bytes"]["ratio"]
-        edits.append(
-            _Edit(
-                f"{method} M={m}",
-                method,
-                m,
-                ratio,
-                lambda a, s=store: combination_state(s, task_coefficients(s.decoder, a)),
-            )
-        )
-        for merge in config.merges if method in config.merge_methods else ():
-            edits.append(
-                _Edit(
-                    f"{method} M={m} + {merge}",
-                    f"{method} + {merge}",
-                    m,
-                    ratio,
-                    lambda a, s=store, merge=merge: merged_state(s, MergeSpec(merge, a)),
-                )
-            )
-        if method in config.atoms_mode_methods:
-            edits.append(
-                _Edit(
-                    f"{method} M={m} atoms-sum",
-                    f"{method} (atoms-sum)",
-                    m,
-                    ratio,
-                    lambda a, s=store: combination_state(s, atoms_sum_coefficients(s.n_atoms, s.has_mean)),
-                )
-            )
-
-    # 4. addition
-    t0 = time.perf_counter()
-    addition: dict[str, dict[str, Any]] = {}
-    ones = np.ones(len(names))
-    for edit in edits:
-        delta = edit.delta(ones)
-
-        def val_acc(lam: float, delta: dict[str, torch.Tensor] = delta) -> dict[str, float]:
-            if lam == 0:
-                return zs["val"]  # the base itself
-            ev.set_task_vector(delta, lam)
-            return accuracies("val")
-
-        res = search_addition(val_acc, ft["val"], search=config.search)
-        ev.set_task_vector(delta, res.lam)
-        test = accuracies("test")
-        addition[edit.label] = {
-            "method": edit.method,
-            "n_atoms": edit.n_atoms,
-            "bytes_ratio": edit.bytes_ratio,
-            "lam": res.lam,
-            "val_curve": res.curve,
-            "test": test,
-            "normalised": {n: test[n] / ft["test"][n] for n in names},
-        }
-        log(f"addition  {edit.label:<28} lambda={res.lam:.2f}  mean test acc {np.mean(list(test.values())):.3f}")
-    full_test = addition["full task vectors"]["test"]
-    for row in addition.values():
-        row["gain_retained"] = gain_retained(row["test"], zs["test"], full_test)
-    timings["addition"] = time.perf_counter() - t0
-
-    # 5. negation
-    t0 = time.perf_counter()
-    negation: dict[str, dict[str, Any]] = {}
-    neg_methods = set(config.methods if config.negation_methods is None else config.negation_methods)
-    neg_edits = [e for e in edits if e.method == "full" or (e.method in neg_methods and "atoms-sum" not in e.label)]
-    for target in config.negation_targets:
-        control = config.control_for(target)
-        weights = task_weights(names, negate=[target])
-        rows: dict[str, Any] = {}
-        for edit in neg_edits:
-            delta = edit.delta(weights)
-
-            applied: list[float] = []  # the lambda the evaluator's weights are at, if any
-
-            def val_at(lam: float, task: str, delta: dict[str, torch.Tensor] = delta, applied=applied) -> float:
-                if lam == 0:
-                    return zs["val"][task]  # the base itself
-                if applied != [lam]:
-                    ev.set_task_vector(delta, lam)
-                    applied[:] = [lam]
-                return ev.accuracy(task, "val", config.val_limit)
-
-            res = search_negation(
-                lambda lam, t=target: val_at(lam, t),
-                lambda lam, c=control: val_at(lam, c),
-                zs["val"][control],
-                config.control_threshold,
-                search=config.search,
-            )
-            row: dict[str, Any] = {
-                "control": control,
-                "method": edit.method,
-                "n_atoms": edit.n_atoms,
-                "bytes_ratio": edit.bytes_ratio,
-                "lam": res.lam,
-                "reason": res.reason,
-            }
-            if res.lam is not None:
-                ev.set_task_vector(delta, res.lam)
-                row["target_test"] = ev.accuracy(target, "test", config.test_limit)
-                row["control_test"] = ev.accuracy(control, "test", config.test_limit)
-            rows[edit.label] = row
-        full_row = rows["full task vectors"]
-        for row in rows.values():
-            if "target_test" in row and "target_test" in full_row:
-                row["effect_retained"] = effect_retained(
-                    row["target_test"], zs["test"][target], full_row["target_test"]
-                )
-        negation[target] = rows
-        log(
-            f"negation  {target}: "
-            + ", ".join(f"{k} -> {v.get('target_test', float('nan')):.3f}" for k, v in rows.items())
-        )
-    ev.reset()
-    timings["negation"] = time.perf_counter() - t0
+    # 4. addition, 5. negation
+    addition, negation = runner.add_and_negate(
+        ev, config, edits, names, zs, ft, config.negation_targets, zs["val"], timings, log
+    )
     timings["total"] = time.perf_counter() - t_start
 
     results = {
@@ -329,12 +164,7 @@ def run_suite(config: SuiteConfig, log: Log = print) -> dict[str, Any]:
         },
         "zero_shot": zs,
         "finetuned": ft,
-        "addition": addition,
-        "negation": negation,
-        "stores": {f"{k[0]}-M{k[1]}": str(s.path) for k, s in stores.items()},
-        "gram": gram.tolist(),
-        "task_names": names,
-        "timings_s": timings,
+        **runner.protocol_results(addition, negation, stores, gram, names, timings),
     }
     (config.out_dir / "results.json").write_text(json.dumps(results, indent=2, default=_jsonable) + "\n")
     from tvbasis.textsuite.report import write_report

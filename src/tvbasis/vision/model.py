@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from tvbasis.errors import CheckpointError, TvbasisError
-from tvbasis.io.checkpoint import open_checkpoint
-from tvbasis.vision.cache import (
+from tvbasis.evaluation.training import optimizer_step, training_stats
+from tvbasis.io.cache_dirs import (
     check_replaceable,
     fingerprint_files,
     install,
@@ -41,6 +41,7 @@ from tvbasis.vision.cache import (
     marker_matches,
     tmp_dir,
 )
+from tvbasis.io.checkpoint import open_checkpoint
 from tvbasis.vision.convert import (
     PREPROCESSOR_FILE,
     TOKENIZER_FILES,
@@ -429,13 +430,7 @@ def _train_and_write(
                     emb = model(pixel_values=pixels).image_embeds
                 logits = scale * F.normalize(emb.float(), dim=-1) @ head.T
                 loss = F.cross_entropy(logits, labels.to(device), label_smoothing=cfg.label_smoothing)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
-                sched.step()
-                losses.append(loss.item())
+                losses.append(optimizer_step(loss, opt, sched, params, cfg.grad_clip))
                 step += 1
                 if step >= cfg.steps:
                     break
@@ -449,14 +444,7 @@ def _train_and_write(
         "logit_scale": repr(scale),
     }
     save_file({"head": head.detach().cpu().contiguous()}, str(out / HEAD_FILE), metadata=meta)
-    k = max(1, min(5, len(losses)))
-    return {
-        "steps": len(losses),
-        "train_seconds": round(train_s, 3),
-        "total_seconds": round(time.perf_counter() - t0, 3),
-        "loss_first": sum(losses[:k]) / k,
-        "loss_last": sum(losses[-k:]) / k,
-    }
+    return training_stats(losses, train_s, t0)
 
 
 # --------------------------------------------------------------------------------------------

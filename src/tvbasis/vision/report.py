@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from tvbasis.errors import TvbasisError
-from tvbasis.textsuite.report import addition_table, negation_table, per_task_table
-from tvbasis.vision.cache import write_text_atomic
-
-
-def _mean(values: Any) -> float:
-    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    return float(np.mean(vals)) if vals else float("nan")
+from tvbasis.evaluation.report import addition_table, negation_table, per_task_table, write_plots
+from tvbasis.io.cache_dirs import write_text_atomic
 
 
 def negation_rows(results: dict[str, Any]) -> tuple[str, list[str]]:
@@ -26,44 +20,8 @@ def negation_rows(results: dict[str, Any]) -> tuple[str, list[str]]:
 
 def _plots(results: dict[str, Any], out_dir: Path) -> list[str]:
     """PNG plots beside the report; none (and a note) without matplotlib."""
-    from tvbasis.evaluation.plots import (
-        plot_accuracy_vs_bytes,
-        plot_cosine_heatmap,
-        plot_per_task_bars,
-        plot_spectrum,
-    )
-
-    names = results["task_names"]
-    gram = np.asarray(results["gram"])
     try:
-        plot_accuracy_vs_bytes(
-            [
-                {
-                    "method": r["method"],
-                    "bytes_ratio": r["bytes_ratio"],
-                    "normalised": _mean(r["normalised"].values()),
-                    "label": f"M={r['n_atoms']}",
-                }
-                for r in results["addition"].values()
-                if r["method"] != "full"
-            ],
-            {
-                "full task vectors": _mean(results["addition"]["full task vectors"]["normalised"].values()),
-                "zero-shot": _mean(results["zero_shot"]["test"][n] / results["finetuned"]["test"][n] for n in names),
-            },
-            out_dir / "accuracy_vs_bytes.png",
-        )
-        plot_per_task_bars(
-            names,
-            {
-                "zero-shot": results["zero_shot"]["test"],
-                "fine-tuned": results["finetuned"]["test"],
-                **{k: v["test"] for k, v in results["addition"].items()},
-            },
-            out_dir / "per_task.png",
-        )
-        plot_cosine_heatmap(gram, names, out_dir / "cosine.png")
-        plot_spectrum(gram, list(results["config"]["n_atoms"]), out_dir / "spectrum.png")
+        write_plots(results, out_dir)
     except TvbasisError as exc:  # matplotlib missing: the tables carry the results
         return [f"(no plots: {exc})"]
     return [

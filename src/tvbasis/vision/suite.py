@@ -18,7 +18,7 @@ with one line, and the results files are written under temporary names and renam
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,16 +26,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from tvbasis.arithmetic import atoms_sum_coefficients, combination_state, task_coefficients, task_weights
-from tvbasis.build import build_store
 from tvbasis.errors import TvbasisError
-from tvbasis.evaluation import effect_retained, gain_retained, search_addition, search_negation
+from tvbasis.evaluation import runner
 from tvbasis.evaluation.protocol import SEARCHES
+from tvbasis.io.cache_dirs import write_json_atomic
 from tvbasis.methods import make_method
-from tvbasis.store import Store
 from tvbasis.tasks import TaskSource
 from tvbasis.tasks.taskvectors import check_task_name
-from tvbasis.vision.cache import write_json_atomic
 from tvbasis.vision.convert import vision_task_vector
 from tvbasis.vision.data import SUITES, VisionTask, load_task
 from tvbasis.vision.model import (
@@ -113,15 +110,6 @@ def suite_config(suite: int, **kw: Any) -> VisionSuiteConfig:
     return VisionSuiteConfig(datasets=SUITES[suite], **kw)
 
 
-@dataclass
-class _Edit:
-    label: str
-    method: str
-    n_atoms: int | None
-    bytes_ratio: float
-    delta: Callable[[np.ndarray], dict[str, torch.Tensor]]
-
-
 def _check_config(config: VisionSuiteConfig) -> None:
     if not config.datasets:
         raise TvbasisError("no datasets: give --suite or --dataset")
@@ -178,190 +166,53 @@ def run_suite(config: VisionSuiteConfig, log: Log = print) -> dict[str, Any]:
     config.out_dir.mkdir(parents=True, exist_ok=True)
 
     # 1. fine-tunes (cached)
-    t0 = time.perf_counter()
-    for task in tasks:
-        if task.name not in ft_dirs:
-            ft_dirs[task.name] = finetune_cached(
-                config.base,
-                task,
-                config.cache_dir / "finetunes",
-                ft_cfg,
-                device=config.device,
-                workers=config.workers,
-                log_fn=log,
-            )
-    timings["finetune"] = time.perf_counter() - t0
+    with runner.timed(timings, "finetune"):
+        for task in tasks:
+            if task.name not in ft_dirs:
+                ft_dirs[task.name] = finetune_cached(
+                    config.base,
+                    task,
+                    config.cache_dir / "finetunes",
+                    ft_cfg,
+                    device=config.device,
+                    workers=config.workers,
+                    log_fn=log,
+                )
     log(f"fine-tunes ready ({timings['finetune']:.0f} s) under {config.cache_dir}")
 
     # 2. denominators
-    t0 = time.perf_counter()
-    ev = Evaluator(
-        config.base, [*tasks, *controls], device=config.device, batch_size=config.batch_size, workers=config.workers
-    )
-    base = ev.base_state()
-    limit = {"val": config.val_limit, "test": config.test_limit}
+    limits = runner.Limits.of(config)
+    with runner.timed(timings, "denominators"):
+        ev = Evaluator(
+            config.base, [*tasks, *controls], device=config.device, batch_size=config.batch_size, workers=config.workers
+        )
+        base = ev.base_state()
 
-    def accuracies(split: str, subset: Sequence[str] = names) -> dict[str, float]:
-        return {n: ev.accuracy(n, split, limit[split]) for n in subset}
+        def read_tv(n: str) -> dict[str, torch.Tensor]:
+            return vision_task_vector(base, ft_dirs[n], base_enc)
 
-    zs = {"val": accuracies("val"), "test": accuracies("test")}
-    control_zs = {c: {s: ev.accuracy(c, s, limit[s]) for s in ("val", "test")} for c in control_names}
-    ft: dict[str, dict[str, float]] = {"val": {}, "test": {}}
-    full_sum = {k: torch.zeros_like(v) for k, v in base.items()}
-    for n in names:
-        tau = vision_task_vector(base, ft_dirs[n], base_enc)
-        ev.set_task_vector(tau)
-        for split in ("val", "test"):
-            ft[split][n] = ev.accuracy(n, split, limit[split])
-        for k in full_sum:
-            full_sum[k] += tau[k]
-        del tau
-    ev.reset()
-    timings["denominators"] = time.perf_counter() - t0
+        zs = runner.zero_shot(ev, names, limits)
+        control_zs = {c: {s: ev.accuracy(c, s, limits[s]) for s in ("val", "test")} for c in control_names}
+        ft, full_sum = runner.finetuned(ev, names, base, read_tv, limits)
     log(
         f"zero-shot mean test acc {np.mean(list(zs['test'].values())):.3f}, "
         f"fine-tuned {np.mean(list(ft['test'].values())):.3f}"
     )
 
     # 3. stores
-    t0 = time.perf_counter()
-    sources = [TaskSource(n, ft_dirs[n]) for n in names]
-    stores: dict[tuple[str, int], Store] = {}
-    (config.out_dir / "stores").mkdir(exist_ok=True)
-    for method in config.methods:
-        for m in config.atoms():
-            est = make_method(method, m, **config.method_settings.get(method, {}))
-            path = config.out_dir / "stores" / f"{method}-M{m}"
-            stores[(method, m)] = build_store(base_enc, sources, est, path, overwrite=True)
-    timings["build"] = time.perf_counter() - t0
+    with runner.timed(timings, "build"):
+        sources = [TaskSource(n, ft_dirs[n]) for n in names]
+        stores = runner.build_stores(
+            base_enc, sources, config.methods, config.atoms(), config.method_settings, config.out_dir
+        )
     if not stores:
         raise TvbasisError("no store was built: give at least one method")
     gram = next(iter(stores.values())).gram
+    edits = runner.store_edits(stores, runner.full_delta(names, full_sum, read_tv), config.atoms_mode_methods)
 
-    tv_cache: dict[str, dict[str, torch.Tensor]] = {}
-
-    def full_delta(a: np.ndarray) -> dict[str, torch.Tensor]:
-        """The full task vectors' combination: the running sum, or one task read back from its fine-tune."""
-        if np.allclose(a, 1.0):
-            return full_sum
-        nz = np.nonzero(a)[0]
-        if len(nz) != 1:
-            raise RuntimeError("full deltas are only needed for all-ones or single-task weights")
-        n = names[int(nz[0])]
-        if n not in tv_cache:
-            tv_cache.clear()  # hold at most one task vector
-            tv_cache[n] = vision_task_vector(base, ft_dirs[n], base_enc)
-        return {k: float(a[nz[0]]) * v for k, v in tv_cache[n].items()}
-
-    edits: list[_Edit] = [_Edit("full task vectors", "full", None, 1.0, full_delta)]
-    for (method, m), store in stores.items():
-        ratio = store.manifest["bytes"]["ratio"]
-        edits.append(
-            _Edit(
-                f"{method} M={m}",
-                method,
-                m,
-                ratio,
-                lambda a, s=store: combination_state(s, task_coefficients(s.decoder, a)),
-            )
-        )
-        if method in config.atoms_mode_methods:
-            edits.append(
-                _Edit(
-                    f"{method} M={m} atoms-sum",
-                    f"{method} (atoms-sum)",
-                    m,
-                    ratio,
-                    lambda a, s=store: combination_state(s, atoms_sum_coefficients(s.n_atoms, s.has_mean)),
-                )
-            )
-
-    # 4. addition
-    t0 = time.perf_counter()
-    addition: dict[str, dict[str, Any]] = {}
-    ones = np.ones(len(names))
-    for edit in edits:
-        delta = edit.delta(ones)
-
-        def val_acc(lam: float, delta: dict[str, torch.Tensor] = delta) -> dict[str, float]:
-            if lam == 0:
-                return zs["val"]  # the base itself
-            ev.set_task_vector(delta, lam)
-            return accuracies("val")
-
-        res = search_addition(val_acc, ft["val"], search=config.search)
-        ev.set_task_vector(delta, res.lam)
-        test = accuracies("test")
-        addition[edit.label] = {
-            "method": edit.method,
-            "n_atoms": edit.n_atoms,
-            "bytes_ratio": edit.bytes_ratio,
-            "lam": res.lam,
-            "val_curve": res.curve,
-            "test": test,
-            "normalised": {n: test[n] / ft["test"][n] if ft["test"][n] > 0 else float("nan") for n in names},
-        }
-        log(f"addition  {edit.label:<28} lambda={res.lam:.2f}  mean test acc {np.mean(list(test.values())):.3f}")
-    full_test = addition["full task vectors"]["test"]
-    for row in addition.values():
-        row["gain_retained"] = gain_retained(row["test"], zs["test"], full_test)
-    timings["addition"] = time.perf_counter() - t0
-
-    # 5. negation
-    t0 = time.perf_counter()
-    negation: dict[str, dict[str, Any]] = {}
-    neg_methods = set(config.methods if config.negation_methods is None else config.negation_methods)
-    neg_edits = [e for e in edits if e.method == "full" or (e.method in neg_methods and "atoms-sum" not in e.label)]
+    # 4. addition, 5. negation
     val_zs = {**zs["val"], **{c: v["val"] for c, v in control_zs.items()}}
-    for target in targets:
-        control = config.control_for(target)
-        weights = task_weights(names, negate=[target])
-        rows: dict[str, Any] = {}
-        for edit in neg_edits:
-            delta = edit.delta(weights)
-            applied: list[float] = []  # the lambda the evaluator's weights are at, if any
-
-            def val_at(lam: float, task: str, delta: dict[str, torch.Tensor] = delta, applied=applied) -> float:
-                if lam == 0:
-                    return val_zs[task]  # the base itself
-                if applied != [lam]:
-                    ev.set_task_vector(delta, lam)
-                    applied[:] = [lam]
-                return ev.accuracy(task, "val", config.val_limit)
-
-            res = search_negation(
-                lambda lam, t=target: val_at(lam, t),
-                lambda lam, c=control: val_at(lam, c),
-                val_zs[control],
-                config.control_threshold,
-                search=config.search,
-            )
-            row: dict[str, Any] = {
-                "control": control,
-                "method": edit.method,
-                "n_atoms": edit.n_atoms,
-                "bytes_ratio": edit.bytes_ratio,
-                "lam": res.lam,
-                "reason": res.reason,
-            }
-            if res.lam is not None:
-                ev.set_task_vector(delta, res.lam)
-                row["target_test"] = ev.accuracy(target, "test", config.test_limit)
-                row["control_test"] = ev.accuracy(control, "test", config.test_limit)
-            rows[edit.label] = row
-        full_row = rows["full task vectors"]
-        for row in rows.values():
-            if "target_test" in row and "target_test" in full_row:
-                row["effect_retained"] = effect_retained(
-                    row["target_test"], zs["test"][target], full_row["target_test"]
-                )
-        negation[target] = rows
-        log(
-            f"negation  {target}: "
-            + ", ".join(f"{k} -> {v.get('target_test', float('nan')):.3f}" for k, v in rows.items())
-        )
-    ev.reset()
-    timings["negation"] = time.perf_counter() - t0
+    addition, negation = runner.add_and_negate(ev, config, edits, names, zs, ft, targets, val_zs, timings, log)
     timings["total"] = time.perf_counter() - t_start
 
     results: dict[str, Any] = {
@@ -385,12 +236,7 @@ def run_suite(config: VisionSuiteConfig, log: Log = print) -> dict[str, Any]:
         "control_zero_shot": control_zs,
         "finetuned": ft,
         "finetune_hyperparameters": asdict(ft_cfg),
-        "addition": addition,
-        "negation": negation,
-        "stores": {f"{k[0]}-M{k[1]}": str(s.path) for k, s in stores.items()},
-        "gram": gram.tolist(),
-        "task_names": names,
-        "timings_s": timings,
+        **runner.protocol_results(addition, negation, stores, gram, names, timings),
     }
     write_json_atomic(config.out_dir / "results.json", results)
     from tvbasis.vision.report import write_report

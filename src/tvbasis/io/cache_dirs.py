@@ -1,6 +1,6 @@
-"""Content-addressed output directories for the vision path: hashing, atomic install, markers.
+"""Content-addressed output directories: hashing, atomic install, markers (text and vision suites).
 
-A cached output (a converted image encoder, a fine-tune) is a directory built under a
+A cached output (a converted image encoder, a fine-tune, a derived model) is a directory built under a
 temporary sibling name, its marker JSON written last, then renamed into place. A directory
 is reused only when its marker records the same cache key, so a crash never leaves something
 that looks complete, and a changed input gets a new directory.
