@@ -89,8 +89,16 @@ def test_every_kind_trains_and_evaluates(setting: dict) -> None:
 
 def test_atoms_and_low_rank_settings(setting: dict) -> None:
     tasks = [few_shot(t, 2) for t in setting["tasks"]]
-    fs = FewShotComposition(setting["base"], tasks, setting["store"], over="atoms", blocks="model", rank=2)
+    fs = FewShotComposition(
+        setting["base"], tasks, setting["store"], over="atoms", blocks="model", rank=2, features="tokens"
+    )
     assert fs.directions.labels == ["atom0", "atom1"] and 0.0 < fs.rank_energy_lost < 1.0
+    feats = fs.features[("topic", "test")]  # mean input embedding of each text, in split order
+    ids = fs.ev.tokenizer(setting["tasks"][0].test[3].text, truncation=True, max_length=fs.ev.max_length)["input_ids"]
+    table = fs.ev.model.get_input_embeddings().weight
+    torch.testing.assert_close(feats[3], torch.nn.functional.normalize(table[ids].mean(0), dim=-1))
+    with pytest.raises(TvbasisError, match="--features"):
+        FewShotComposition(setting["base"], tasks, setting["store"], features="logits")
     res, _ = fs.run(ComposerConfig(kind="variational"), steps=2, batch_size=4)
     assert res.sparsity is not None
 

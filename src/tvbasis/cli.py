@@ -1028,6 +1028,9 @@ def compose_train(
     rank: Annotated[
         int | None, typer.Option(help="Run 2-D directions through rank-R factors (cheaper per-sample forwards).")
     ] = None,
+    features: Annotated[
+        str, typer.Option(help="Per-sample features: pooled (a base forward) or tokens (mean input embedding).")
+    ] = "pooled",
     prior: Annotated[bool, typer.Option(help="Variational: pay the KL to the spike-and-slab prior.")] = True,
     gate: Annotated[bool, typer.Option(help="Variational: inclusion gates and gated inference.")] = True,
     beta: Annotated[float, typer.Option(help="Variational: weight of the KL per coefficient.")] = 0.01,
@@ -1061,6 +1064,7 @@ def compose_train(
             "shots": shots,
             "seed": seed,
             "test_limit": test_limit,
+            "features": features,
         }
         setting = composition_from_meta(meta)
         result, composer = setting.run(config, steps=steps, batch_size=batch_size, lr=lr)

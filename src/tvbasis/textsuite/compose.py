@@ -4,7 +4,8 @@ One composer serves all the suite's tasks at once: it is trained on the union of
 training examples per class of every task (each example scored by its own task's frozen
 zero-shot head) and evaluated on every task's test split. The directions are a store's task
 vectors (``over="tasks"``; use a store with M = T for the exact ones) or its atoms. Per-sample
-composers read the frozen base's mean-pooled embedding of the input as their features.
+composers read features of the input from the frozen base: its mean-pooled output embedding
+(``pooled``), or the mean of its input token embeddings (``tokens``, nearly free at inference).
 
 Kinds (``tvbasis.composition.coefficients``): task arithmetic (one lam by grid search on the
 shots), aTLAS (shared block-wise coefficients), per-sample (a network, no prior, no gate) and
@@ -34,8 +35,14 @@ from tvbasis.store import open_store
 from tvbasis.textsuite.data import TaskData
 from tvbasis.textsuite.model import Evaluator, _load, _pad, _tokenize, mean_pool, param_names
 
+FEATURES = ("pooled", "tokens")
 LAMBDA_GRID = tuple(round(0.05 * i, 2) for i in range(21))
 DEFAULT_LR = {"task-arithmetic": 0.0, "atlas": 0.02, "per-sample": 3e-3, "variational": 3e-3}
+
+
+def token_features(table: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Unit mean of the base's input embeddings of a batch's real tokens: features for the price of a gather."""
+    return F.normalize(mean_pool(F.embedding(ids, table), mask), dim=-1)
 
 
 def few_shot(task: TaskData, shots: int, seed: int = 0) -> TaskData:
@@ -97,9 +104,13 @@ class FewShotComposition:
         test_limit: int | None = None,
         seed: int = 0,
         shots: int | None = None,
+        features: str = "pooled",
     ) -> None:
+        if features not in FEATURES:
+            raise TvbasisError(f"--features {features!r}: choose one of {', '.join(FEATURES)}")
         self.base_dir = Path(base_dir)
         self.shots = shots
+        self.feature_kind = features
         self.tasks = list(tasks)
         self.test_limit = test_limit
         self.seed = seed
@@ -111,9 +122,7 @@ class FewShotComposition:
         missing = [n for n in self.directions.tensors if n not in set(self.ev.names())]
         if missing:
             raise TvbasisError(f"{store_path}: tensors {missing[:3]} are not parameters of {self.base_dir}")
-        self.features = {
-            (t.name, s): self.ev.embeddings(t.name, s, self._limit(s)) for t in self.tasks for s in ("train", "test")
-        }
+        self.features = {(t.name, s): self._features(t.name, s) for t in self.tasks for s in ("train", "test")}
         _, model = _load(self.base_dir)
         model.eval()
         to_param = param_names(model, self.ev.names())
@@ -126,6 +135,19 @@ class FewShotComposition:
             factors, self.rank_energy_lost = low_rank_factors(directions, rank, skip=embeddings)
         self.composed = ComposedModel(model, directions, blocks_by_param, len(self.block_labels), low_rank=factors)
         self.pool = self._pool()
+
+    @torch.no_grad()
+    def _features(self, task: str, split: str) -> torch.Tensor:
+        """What per-sample composers read, in split order: the base's mean-pooled output embedding
+        (``pooled``: one base forward per input) or its mean input token embedding (``tokens``: a gather)."""
+        if self.feature_kind == "pooled":
+            return self.ev.embeddings(task, split, self._limit(split))
+        prep = self.ev.prepared(task, split, self._limit(split))
+        table = self.ev.model.get_input_embeddings().weight
+        emb = torch.cat([token_features(table, ids, mask) for ids, mask in prep.batches])
+        out = torch.empty_like(emb)
+        out[prep.order] = emb
+        return out
 
     def _limit(self, split: str) -> int | None:
         return self.test_limit if split == "test" else None
@@ -276,7 +298,7 @@ class FewShotComposition:
             "block_labels": self.block_labels,
             "block_of": self.block_of,
             "base": str(self.base_dir),
-            "features": "base mean-pooled unit embedding",
+            "features": self.feature_kind,
             "tasks": [t.name for t in self.tasks],
             "shots": self.shots,
             "seed": self.seed,
@@ -317,5 +339,5 @@ def composition_from_meta(meta: dict[str, Any], test_limit: int | None = None) -
         test_limit=test_limit if test_limit is not None else meta.get("test_limit"),
         seed=seed,
         shots=shots,
+        features=meta.get("features", "pooled"),
     )
-
