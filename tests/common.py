@@ -130,3 +130,19 @@ def save_hf_sharded(state: dict[str, torch.Tensor], directory: Path, n_shards: i
     index = {"metadata": {}, "weight_map": weight_map}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index))
     return directory
+
+
+def tiny_bert_config(**overrides: int):
+    """A 2-layer, 32-wide BERT configuration for tests that need a real transformers model."""
+    import transformers
+
+    settings = {
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 37,
+        "vocab_size": 100,
+        "max_position_embeddings": 24,
+        **overrides,
+    }
+    return transformers.BertConfig(**settings)

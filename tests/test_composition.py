@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common import read_flat, write_family
+from common import read_flat, tiny_bert_config, write_family
 from tvbasis.build import build_store
 from tvbasis.composition import (
     ComposedModel,
@@ -38,14 +38,7 @@ K = 3
 
 def tiny_bert(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    cfg = transformers.BertConfig(
-        vocab_size=40,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=24,
-        max_position_embeddings=16,
-    )
+    cfg = tiny_bert_config(vocab_size=40, hidden_size=16, intermediate_size=24, max_position_embeddings=16)
     return transformers.BertModel(cfg).eval()
 
 

@@ -22,7 +22,7 @@ peft = pytest.importorskip("peft")
 
 from typer.testing import CliRunner  # noqa: E402
 
-from common import tree_digest  # noqa: E402
+from common import tiny_bert_config, tree_digest  # noqa: E402
 from tvbasis.arithmetic import combination_state  # noqa: E402
 from tvbasis.build import build_store  # noqa: E402
 from tvbasis.cli import app  # noqa: E402
@@ -38,17 +38,6 @@ from tvbasis.update import add_task, refit  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 runner = CliRunner()
-
-
-def bert_config() -> transformers.BertConfig:
-    return transformers.BertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        vocab_size=100,
-        max_position_embeddings=24,
-    )
 
 
 #: Adapters of the BERT family: name -> (model class, LoraConfig settings, save as .bin).
@@ -110,7 +99,7 @@ def make_adapter(base: Path, out: Path, cls_name: str, settings: dict, bin_file:
 def env(tmp_path_factory: pytest.TempPathFactory) -> Env:
     root = tmp_path_factory.mktemp("lora")
     torch.manual_seed(0)
-    transformers.BertModel(bert_config()).save_pretrained(root / "base")
+    transformers.BertModel(tiny_bert_config()).save_pretrained(root / "base")
     base = root / "base"
     ft = transformers.BertModel.from_pretrained(base)
     g = torch.Generator().manual_seed(5)

@@ -18,6 +18,7 @@ peft = pytest.importorskip("peft")
 
 from typer.testing import CliRunner  # noqa: E402
 
+from common import tiny_bert_config  # noqa: E402
 from tvbasis.arithmetic import combination_state, task_coefficients, task_weights  # noqa: E402
 from tvbasis.build import build_store  # noqa: E402
 from tvbasis.cli import app  # noqa: E402
@@ -32,21 +33,10 @@ runner = CliRunner()
 WEIGHTS = {"t0": 1.0, "t2": -0.5}
 
 
-def config() -> transformers.BertConfig:
-    return transformers.BertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        vocab_size=100,
-        max_position_embeddings=24,
-    )
-
-
 def save_model(directory: Path, cls: type, seed: int, base: Path | None = None) -> Path:
     """A tiny BERT of class ``cls``: random (``base`` None) or ``base`` plus a full-rank perturbation."""
     torch.manual_seed(seed)
-    model = cls(config()) if base is None else cls.from_pretrained(base)
+    model = cls(tiny_bert_config()) if base is None else cls.from_pretrained(base)
     if base is not None:
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
