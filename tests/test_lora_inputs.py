@@ -318,7 +318,9 @@ def test_cli_build_mixed_and_info(env: Env, tmp_path: Path) -> None:
     result = runner.invoke(app, [str(a) for a in [*args, "--method", "pca", "-M", "1", "--out", out, "--quiet"]])
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["info", str(out)])
-    assert result.exit_code == 0 and "lo" in result.output
+    assert result.exit_code == 0 and "lo (LoRA)" in result.output and "ft (LoRA)" not in result.output
+    tasks = json.loads(runner.invoke(app, ["info", str(out), "--json"]).stdout)["tasks"]
+    assert [t.get("input") for t in tasks] == [None, "lora-adapter"]
     result = runner.invoke(app, ["add-task", str(out), "--task", f"emb={env.adapters['embed']}", "--quiet"])
     assert result.exit_code == 0, result.output
 

@@ -266,7 +266,8 @@ def _print_info(s: dict[str, Any]) -> None:
     table = Table(*columns)
     for t in s["tasks"]:
         extra = [f"{t['rel_error'] - t['rel_error_unrounded']:+.2e}"] if rounded else []
-        table.add_row(t["name"], _num(t["rel_error"], ".4f"), *extra, _num(t["cosine"], ".4f"), _num(t["norm"], ".4g"))
+        name = f"{t['name']} (LoRA)" if t.get("input") == "lora-adapter" else t["name"]
+        table.add_row(name, _num(t["rel_error"], ".4f"), *extra, _num(t["cosine"], ".4f"), _num(t["norm"], ".4g"))
     out.print(table)
     out.print(
         f"stored {b['total']:,} bytes (atoms {b['atoms']:,}, matrices {b['matrices']:,}, other "

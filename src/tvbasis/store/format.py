@@ -185,7 +185,16 @@ class Store:
             "tasks": [
                 {
                     k: t[k]
-                    for k in ("name", "rel_error", "rel_error_unrounded", "cosine", "norm", "source", "content_hash")
+                    for k in (
+                        "name",
+                        "input",
+                        "rel_error",
+                        "rel_error_unrounded",
+                        "cosine",
+                        "norm",
+                        "source",
+                        "content_hash",
+                    )
                     if k in t
                 }
                 for t in m["tasks"]
