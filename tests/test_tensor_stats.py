@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from common import read_flat, tree_digest, write_family
+from common import read_flat, tiny_bert_config, tree_digest, write_family
 from tvbasis.build import build_store
 from tvbasis.cli import app
 from tvbasis.engine.streaming import gram_pass
@@ -252,7 +252,7 @@ def test_lora_tensor_grams_from_factors(tmp_path: Path, monkeypatch: pytest.Monk
     import test_lora_inputs as lo
 
     torch.manual_seed(0)
-    transformers.BertModel(lo.bert_config()).save_pretrained(tmp_path / "base")
+    transformers.BertModel(tiny_bert_config()).save_pretrained(tmp_path / "base")
     base = tmp_path / "base"
     ft = transformers.BertModel.from_pretrained(base)
     g = torch.Generator().manual_seed(5)
