@@ -171,7 +171,10 @@ def _load(base_dir: str | Path) -> tuple[Any, torch.nn.Module]:
     if not (base_dir / "config.json").is_file():
         raise TvbasisError(f"{base_dir}: not a Hugging Face model directory (no config.json)")
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir), local_files_only=True)
-    model = AutoModel.from_pretrained(str(base_dir), local_files_only=True, dtype=torch.float32)
+    # weights_only: a pytorch_model.bin is read as tensors only, never as a pickle that runs code.
+    model = AutoModel.from_pretrained(
+        str(base_dir), local_files_only=True, dtype=torch.float32, weights_only=True, trust_remote_code=False
+    )
     return tokenizer, model
 
 
