@@ -13,10 +13,11 @@ from typer.testing import CliRunner
 
 from tvbasis.build import build_store
 from tvbasis.cli import app
-from tvbasis.composition import ComposerConfig, load_composer
+from tvbasis.composition import ComposerConfig, load_composer, load_directions, parameter_blocks
 from tvbasis.errors import TvbasisError
 from tvbasis.io import open_checkpoint
 from tvbasis.methods import make_method
+from tvbasis.store import open_store
 from tvbasis.tasks import TaskSource
 from tvbasis.textsuite import model as M
 from tvbasis.textsuite.compose import LAMBDA_GRID, FewShotComposition, few_shot
@@ -124,10 +125,11 @@ def test_cli_train_eval_export(setting: dict, tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     z = comp.shared.detach().double()
     base = open_checkpoint(setting["base"])
-    store_dirs = FewShotComposition(setting["base"], setting["tasks"], setting["suite_store"], blocks="layer")
+    directions = load_directions(open_store(setting["suite_store"]), "tasks")
+    _, block_of = parameter_blocks(list(directions.tensors), "layer")
     out = open_checkpoint(edited)
-    for name, d in list(store_dirs.directions.tensors.items())[:6]:
-        b = store_dirs.block_of[name]
+    for name, d in list(directions.tensors.items())[:6]:
+        b = block_of[name]
         want = base.read(name).double() + torch.tensordot(z[:, b], d.double(), dims=1)
         torch.testing.assert_close(out.read(name).double(), want, atol=1e-5, rtol=1e-5)
     assert (edited / "config.json").is_file()

@@ -119,7 +119,8 @@ class FewShotComposition:
         self.block_labels, self.block_of = parameter_blocks(list(self.directions.tensors), blocks)
         self.blocks = blocks
         self.ev = Evaluator(self.base_dir, self.tasks)
-        missing = [n for n in self.directions.tensors if n not in set(self.ev.names())]
+        known = set(self.ev.names())
+        missing = [n for n in self.directions.tensors if n not in known]
         if missing:
             raise TvbasisError(f"{store_path}: tensors {missing[:3]} are not parameters of {self.base_dir}")
         self.features = {(t.name, s): self._features(t.name, s) for t in self.tasks for s in ("train", "test")}
@@ -134,6 +135,9 @@ class FewShotComposition:
             embeddings = {n for n in directions if "embeddings" in n}
             factors, self.rank_energy_lost = low_rank_factors(directions, rank, skip=embeddings)
         self.composed = ComposedModel(model, directions, blocks_by_param, len(self.block_labels), low_rank=factors)
+        # The composed model keeps what it needs (stacked deltas or factors): drop the K-model copy here.
+        del directions, factors
+        self.directions.tensors = {}
         self.pool = self._pool()
 
     @torch.no_grad()
