@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from tvbasis import __version__
+from tvbasis.engine.residual_pass import residual_pass
 from tvbasis.engine.streaming import DEFAULT_CHUNK_ELEMENTS, AtomStats, Engine, GramStats, LocalEngine
 from tvbasis.errors import TvbasisError
 from tvbasis.io.checkpoint import Checkpoint
@@ -35,6 +37,7 @@ from tvbasis.store.format import (
 )
 from tvbasis.store.metrics import reconstruction_metrics
 from tvbasis.store.quantize import check_scale_names, check_store_dtype
+from tvbasis.store.residuals import RESIDUALS_DIR, CodePlan, ResidualWriter, TensorCode
 from tvbasis.tasks.taskvectors import TaskSource, TaskVectorSet
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
@@ -86,6 +89,7 @@ def build_store(
     known: GramStats | None = None,
     engine: Engine | None = None,
     tensor_stats: bool = False,
+    codes: CodePlan | None = None,
 ) -> Store:
     """Compress the task vectors of ``tasks`` (relative to ``base``) into a store at ``out``.
 
@@ -103,6 +107,10 @@ def build_store(
     ``tensor_stats``: also gather every tensor's own Gram matrix ``G_n`` in the Gram pass
     and save them (``tensor_gram.safetensors``) for ``tvbasis plan``. Opt-in because they
     take ``T^2 x n_tensors x 8`` bytes, in memory during the pass and in the store.
+
+    ``codes``: per tensor, whether the basis covers it and how each task's residual is coded
+    (``store.residuals``; ``planning.plan_budget`` chooses one for a byte budget). A third pass,
+    run locally whatever the engine, codes the residuals against the atoms as stored.
     """
     engine = engine or LocalEngine()
     out = Path(out)
@@ -110,6 +118,8 @@ def build_store(
     check_output_path(out, overwrite)
     tvs = TaskVectorSet(base, tasks, include, exclude)
     method.check_n_tasks(tvs.n_tasks)
+    tensor_codes = _tensor_codes(codes, method, [i.name for i in tvs.tensors])
+    covered = None if tensor_codes is None else {n for n, tc in tensor_codes.items() if tc.basis}
     check_scale_names(
         {i.name: i.shape for i in tvs.tensors}, dtype, tvs.base.path, "exclude one of them or choose another --dtype"
     )
@@ -133,6 +143,8 @@ def build_store(
     # rounding to fp16/bf16/int8 does not, so those stores measure the atoms as stored, and
     # report beside it the error the same atoms would have unrounded.
     exact_stats = method.atom_stats(stats.gram)
+    if covered is not None and len(covered) < len(tvs.tensors):
+        exact_stats = None  # the atoms are zero on the tensors the basis leaves out: measure them
     rounded = dtype != "fp32"
     unrounded_metrics = None
     with atomic_output(out, overwrite=overwrite) as tmp:
@@ -152,6 +164,7 @@ def build_store(
                 measure_unrounded=rounded and exact_stats is None,
                 hashers=hashers,
                 engine=engine,
+                covered=covered,
             )
             if hashers is not None:
                 _check_hashes(tvs, stats, [h.hexdigest() for h in hashers])
@@ -185,8 +198,58 @@ def build_store(
         if unrounded_metrics is not None:
             for t, task in enumerate(manifest["tasks"]):
                 task["rel_error_unrounded"] = float(unrounded_metrics["rel_error"][t])
+        if tensor_codes is not None:
+            _write_residuals(tvs, tmp, manifest, arrays, method, tensor_codes, chunk_elements, stats)
         finalise_store(tmp, manifest)
     return open_store(out)
+
+
+def _tensor_codes(codes: CodePlan | None, method: BasisMethod, names: list[str]) -> dict[str, TensorCode] | None:
+    """Every tensor's code, or None for a basis-only store; refuses a store that would hold nothing."""
+    if codes is None or codes.trivial:
+        if method.n_atoms == 0:
+            raise TvbasisError("-M 0 stores no basis: give residual codes (--residual or --budget)")
+        return None
+    tensor_codes = codes.for_names(names)
+    if method.n_atoms == 0 or not method.stores_atoms:
+        if not method.stores_atoms:
+            raise TvbasisError(
+                f"--method {method.name}: its atoms are not stored, so residual codes cannot follow them"
+            )
+        tensor_codes = {n: TensorCode(False, tc.residual) for n, tc in tensor_codes.items()}
+    return tensor_codes
+
+
+def _write_residuals(
+    tvs: TaskVectorSet,
+    tmp: Path,
+    manifest: dict[str, Any],
+    matrices: dict[str, np.ndarray],
+    method: BasisMethod,
+    tensor_codes: dict[str, TensorCode],
+    chunk_elements: int,
+    stats: GramStats,
+) -> None:
+    """The residual pass: code every task's residual against the atoms in ``tmp``, record the
+    codes in ``manifest`` and replace the tasks' errors with those of basis and residual together."""
+    writer = ResidualWriter(tmp, tensor_codes, {i.name: i.shape for i in tvs.tensors}, tvs.task_names)
+    writer.create()
+    manifest["residuals"] = writer.manifest_entry()
+    # The store as written so far reads the atoms back as stored (rounded, zero where not covered).
+    partial = Store(path=tmp, manifest=manifest, matrices=matrices, method=method)
+    decoder = torch.from_numpy(np.ascontiguousarray(matrices["decoder"]))
+    hashers = [ContentHash() for _ in range(tvs.n_tasks + 1)] if stats.task_hashes else None
+    try:
+        errors = residual_pass(tvs, lambda chunk: partial.vector_rows(chunk) @ decoder, writer, chunk_elements, hashers)
+    finally:
+        writer.close()
+    if hashers is not None:
+        _check_hashes(tvs, stats, [h.hexdigest() for h in hashers])
+    metrics = errors.metrics()
+    for t, task in enumerate(manifest["tasks"]):
+        task["rel_error_basis"] = task["rel_error"]
+        task["rel_error"] = float(metrics["rel_error"][t])
+        task["cosine"] = float(metrics["cosine"][t])
 
 
 def save_tensor_grams(tmp: Path, manifest: dict[str, Any], grams: dict[str, np.ndarray], names: list[str]) -> None:
@@ -248,10 +311,13 @@ def _write_atoms(
     measure_unrounded: bool = False,
     hashers: list[ContentHash] | None = None,
     engine: Engine | None = None,
+    covered: set[str] | None = None,
 ) -> AtomStats | None:
     """Write the atoms; with ``measure``, also return the inner products of the atoms as stored
-    (and with ``measure_unrounded``, of the atoms before rounding to the store dtype)."""
-    writer = AtomWriter(tmp / ATOMS_DIR, names, {i.name: i.shape for i in tvs.tensors}, dtype, max_shard_bytes)
+    (and with ``measure_unrounded``, of the atoms before rounding to the store dtype).
+    ``covered``: the tensors the atoms cover (all if None); they are zero on the others."""
+    shapes = {i.name: i.shape for i in tvs.tensors if covered is None or i.name in covered}
+    writer = AtomWriter(tmp / ATOMS_DIR, names, shapes, dtype, max_shard_bytes)
     writer.create()
     vectors.extend(writer.vectors(ATOMS_DIR))
     try:
@@ -329,11 +395,13 @@ def _byte_counts(files: dict[str, int], manifest_bytes: int, dim: int, n_tasks: 
     # The per-tensor Gram matrices count as matrices (and are also shown on their own).
     tensor_gram = {"tensor_gram": files[TENSOR_GRAM]} if TENSOR_GRAM in files else {}
     matrices = files.get(MATRICES, 0) + files.get(TENSOR_GRAM, 0)
+    residuals = sum(s for f, s in files.items() if f.startswith(f"{RESIDUALS_DIR}/"))
     return {
         "atoms": atoms,
         "matrices": matrices,
         **tensor_gram,
-        "other": total - atoms - matrices - manifest_bytes,
+        **({"residuals": residuals} if residuals else {}),
+        "other": total - atoms - matrices - residuals - manifest_bytes,
         "total": total,
         "original_fp32": original,
         "ratio": total / original if original else 0.0,

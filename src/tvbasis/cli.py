@@ -156,10 +156,17 @@ def build(
             help="Also keep each tensor's T x T Gram matrix (for tvbasis plan; T^2 x tensors x 8 bytes).",
         ),
     ] = False,
+    residual: Annotated[
+        str | None,
+        typer.Option(
+            help="Code each task's residual tau_t - S W[:, t] on every tensor with this code "
+            "(int8, int4, keep:0.0625:int4:seed=0, ...; see docs/codes.md). -M 0 codes the task vectors alone.",
+        ),
+    ] = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
-    """Compress T fine-tunes of BASE into M basis vectors, written as a store."""
+    """Compress T fine-tunes of BASE into M basis vectors (plus coded residuals), written as a store."""
     from tvbasis.build import build_store
     from tvbasis.methods import make_method
     from tvbasis.recipe import Recipe, load_recipe
@@ -203,6 +210,14 @@ def build(
         if wrong and method_name in METHOD_OPTIONS:
             raise TvbasisError(f"option {wrong[0]!r} does not apply to --method {method_name}")
         est = make_method(method_name, m, **settings)
+        code_plan = None
+        if residual is not None:
+            from tvbasis.store.residuals import uniform_plan
+
+            try:
+                code_plan = uniform_plan(residual)
+            except TvbasisError as exc:
+                raise TvbasisError(f"--residual: {exc}") from None
         runner = _engine(engine, scheduler, workers, trust_scheduler)
         try:
             store = build_store(
@@ -218,6 +233,7 @@ def build(
                 overwrite=overwrite,
                 engine=runner,
                 tensor_stats=tensor_stats,
+                codes=code_plan,
             )
         finally:
             runner.close()
@@ -269,8 +285,14 @@ def _print_info(s: dict[str, Any]) -> None:
         name = f"{t['name']} (LoRA)" if t.get("input") == "lora-adapter" else t["name"]
         table.add_row(name, _num(t["rel_error"], ".4f"), *extra, _num(t["cosine"], ".4f"), _num(t["norm"], ".4g"))
     out.print(table)
+    if "codes" in s:
+        codes = Table("per-tensor code (residual of every task)", "tensors", "parameters")
+        for name, row in s["codes"].items():
+            codes.add_row(escape(name), str(row["tensors"]), f"{row['params']:,}")
+        out.print(codes)
+    residuals = f", residuals {b['residuals']:,}" if "residuals" in b else ""
     out.print(
-        f"stored {b['total']:,} bytes (atoms {b['atoms']:,}, matrices {b['matrices']:,}, other "
+        f"stored {b['total']:,} bytes (atoms {b['atoms']:,}, matrices {b['matrices']:,}{residuals}, other "
         f"{b['other'] + b['manifest']:,}) = {100 * b['ratio']:.2f}% of the {s['T']} fp32 task vectors "
         f"({b['original_fp32']:,} bytes)",
         highlight=False,
@@ -443,11 +465,12 @@ def edit(
     quiet: Quiet = False,
 ) -> None:
     """Write BASE + scale * (combination of tasks) using only the store and the base (or, --as-lora, an adapter)."""
-    from tvbasis.arithmetic import atoms_sum_coefficients, edit_model, task_coefficients
+    from tvbasis.arithmetic import atoms_sum_coefficients, edit_model, task_combination
     from tvbasis.store import open_store
 
     set_quiet(quiet)
     report = None
+    residual_weights = None
     try:
         if as_lora:
             from tvbasis.interop.peft import check_rank_options
@@ -469,7 +492,7 @@ def edit(
             coefs = atoms_sum_coefficients(s.n_atoms, s.has_mean, scale)
         elif mode == "tasks":
             a = _weights_from_options(s.task_names, add, add_all, negate)
-            coefs = task_coefficients(s.decoder, a, scale)
+            coefs, residual_weights = task_combination(s.decoder, a, scale)
         else:
             raise TvbasisError(f"--mode {mode!r}: choose tasks or atoms")
         spec = MergeSpec(merge, a, scale, density, drop_rate, seed) if merge != "none" else None
@@ -486,10 +509,18 @@ def edit(
                 model_class=lora_model_class,
                 overwrite=overwrite,
                 ignore_base_mismatch=ignore_base_mismatch,
+                residual_weights=residual_weights,
             )
         else:
             edit_model(
-                base, s, coefs, out_path, overwrite=overwrite, ignore_base_mismatch=ignore_base_mismatch, merge=spec
+                base,
+                s,
+                coefs,
+                out_path,
+                overwrite=overwrite,
+                ignore_base_mismatch=ignore_base_mismatch,
+                merge=spec,
+                residual_weights=residual_weights,
             )
     except TvbasisError as exc:
         _fail(exc)
@@ -622,7 +653,7 @@ def _apply_edit(
     scale: float,
 ) -> None:
     """Set a suite evaluator to the fine-tune ``weights`` (its task vector) or to the base edited through ``store``."""
-    from tvbasis.arithmetic import combination_state, task_coefficients
+    from tvbasis.arithmetic import combination_state, task_combination
     from tvbasis.store import open_store
 
     if weights is not None:
@@ -630,7 +661,8 @@ def _apply_edit(
     elif store is not None:
         s = open_store(store)
         a = _weights_from_options(s.task_names, add, add_all, negate)
-        ev.set_task_vector(combination_state(s, task_coefficients(s.decoder, a, scale)))
+        coefs, residual_weights = task_combination(s.decoder, a, scale)
+        ev.set_task_vector(combination_state(s, coefs, residual_weights=residual_weights))
 
 
 def _print_accuracies(accs: dict[str, float], what: str, split: str, as_json: bool) -> None:

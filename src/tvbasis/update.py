@@ -50,7 +50,14 @@ Log = Callable[[str], None]
 
 
 def _open(store: Store | str | Path) -> Store:
-    return store if isinstance(store, Store) else open_store(store)
+    store = store if isinstance(store, Store) else open_store(store)
+    if store.residuals is not None:
+        # every task's residual is coded against the atoms: new atoms or tasks need a new residual pass
+        raise TvbasisError(
+            f"{store.path}: the store codes residuals per task, which updates cannot keep; "
+            f"build it again with the changed tasks (tvbasis build ... --residual/--budget)"
+        )
+    return store
 
 
 def _sources(store: Store) -> list[TaskSource]:

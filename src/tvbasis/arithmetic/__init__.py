@@ -1,6 +1,6 @@
 """Task arithmetic on a stored basis, and export of task vectors and edited models."""
 
-from tvbasis.arithmetic.combine import atoms_sum_coefficients, task_coefficients, task_weights
+from tvbasis.arithmetic.combine import atoms_sum_coefficients, task_coefficients, task_combination, task_weights
 from tvbasis.arithmetic.export import (
     combination_state,
     edit_model,
@@ -32,6 +32,7 @@ __all__ = [
     "merged_state",
     "reconstruct_task",
     "task_coefficients",
+    "task_combination",
     "task_weights",
     "ties_merge_rows",
     "ties_thresholds",

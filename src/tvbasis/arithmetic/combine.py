@@ -4,7 +4,8 @@ All arithmetic is one combination of the K stored vectors: ``sum_k c_k s_k``.
 
 - task-weighted addition with weights ``a`` over tasks: ``c = W a`` (the mean's row of the
   decoder is all ones, so the mean enters with weight ``sum(a)``); negation and analogies are
-  signed ``a``; reconstruction of task t is ``a = e_t``;
+  signed ``a``; reconstruction of task t is ``a = e_t``. A store with coded residuals adds
+  ``sum_t a_t R_hat_t`` (``task_combination`` gives both parts);
 - the paper's addition, the unit sum of the atoms ``S 1`` (the mean, if any, is not an atom).
 """
 
@@ -42,6 +43,13 @@ def task_coefficients(decoder: np.ndarray, weights: np.ndarray, scale: float = 1
     if weights.shape != (decoder.shape[1],):
         raise TvbasisError(f"expected {decoder.shape[1]} task weights, got shape {weights.shape}")
     return scale * (decoder @ weights)
+
+
+def task_combination(decoder: np.ndarray, weights: np.ndarray, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """``(c, r) = (scale * W a, scale * a)``: the stored vectors' coefficients and the weights of a
+    store's coded residuals (``Store.combination_rows(chunk, c, r)``; a store without residuals ignores ``r``)."""
+    c = task_coefficients(decoder, weights, scale)
+    return c, scale * np.asarray(weights, dtype=np.float64)
 
 
 def atoms_sum_coefficients(n_atoms: int, has_mean: bool, scale: float = 1.0) -> np.ndarray:

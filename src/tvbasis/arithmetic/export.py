@@ -30,20 +30,27 @@ def _row_shape(store: Store, name: str, start: int, stop: int) -> tuple[int, ...
 
 
 def iter_combination(
-    store: Store, coefficients: np.ndarray, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+    store: Store,
+    coefficients: np.ndarray,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    residual_weights: np.ndarray | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(tensor name, rows)`` of ``sum_k c_k s_k`` chunk by chunk (float64, shaped like the tensor's rows)."""
+    """Yield ``(tensor name, rows)`` of ``sum_k c_k s_k`` (plus ``sum_t r_t R_hat_t`` of a store's coded
+    residuals, ``r = residual_weights``) chunk by chunk, float64, shaped like the tensor's rows."""
     for chunk in plan_chunks(store.tensors, chunk_elements):
-        rows = store.combination_rows(chunk, coefficients)
+        rows = store.combination_rows(chunk, coefficients, residual_weights)
         yield chunk.tensor, rows.reshape(_row_shape(store, chunk.tensor, chunk.start, chunk.stop))
 
 
 def combination_state(
-    store: Store, coefficients: np.ndarray, dtype: torch.dtype = torch.float32
+    store: Store,
+    coefficients: np.ndarray,
+    dtype: torch.dtype = torch.float32,
+    residual_weights: np.ndarray | None = None,
 ) -> dict[str, torch.Tensor]:
-    """``sum_k c_k s_k`` as an in-memory state dict (one model's worth of tensors)."""
+    """``sum_k c_k s_k`` (+ ``sum_t r_t R_hat_t``) as an in-memory state dict (one model's worth of tensors)."""
     parts: dict[str, list[torch.Tensor]] = {}
-    for name, rows in iter_combination(store, coefficients):
+    for name, rows in iter_combination(store, coefficients, residual_weights=residual_weights):
         parts.setdefault(name, []).append(rows.to(dtype))
     return {n: torch.cat(p) if p[0].dim() else p[0] for n, p in parts.items()}
 
@@ -56,8 +63,9 @@ def write_task_vector(
     dtype: str = "fp32",
     overwrite: bool = False,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    residual_weights: np.ndarray | None = None,
 ) -> Path:
-    """Write ``sum_k c_k s_k`` as one safetensors file keyed by the base's tensor names."""
+    """Write ``sum_k c_k s_k`` (+ ``sum_t r_t R_hat_t``) as one safetensors file keyed by the base's tensor names."""
     out = Path(out)
     if dtype not in DTYPES:
         raise TvbasisError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
@@ -68,16 +76,16 @@ def write_task_vector(
             SafetensorsStreamWriter(tmp, specs, metadata={"tvbasis_store": str(store.path)}) as w,
             progress(sum(i.numel for i in tensors), "Writing", unit="param") as bar,
         ):
-            for name, rows in iter_combination(store, coefficients, chunk_elements):
+            for name, rows in iter_combination(store, coefficients, chunk_elements, residual_weights):
                 w.write(name, rows)
                 bar.update(rows.numel())
     return out
 
 
 def reconstruct_task(store: Store, task: str, out: str | Path, **kwargs: object) -> Path:
-    """Write task ``task``'s reconstructed task vector, reading only the stored vectors."""
+    """Write task ``task``'s reconstructed task vector (basis and coded residual), reading only the store."""
     t = store.task_index(task)
-    return write_task_vector(store, store.decoder[:, t], out, **kwargs)  # type: ignore[arg-type]
+    return write_task_vector(store, store.decoder[:, t], out, residual_weights=np.eye(store.n_tasks)[t], **kwargs)  # type: ignore[arg-type]
 
 
 def check_base_layout(store: Store, base: Checkpoint) -> None:
@@ -150,6 +158,7 @@ def edit_model(
     max_shard_bytes: int = 5 * 1024**3,
     merge: MergeSpec | None = None,
     tensor_coefficients: Mapping[str, np.ndarray] | None = None,
+    residual_weights: np.ndarray | None = None,
 ) -> Path:
     """Write ``theta_0 + sum_k c_k s_k`` with the base's layout, streaming tensor chunk by chunk.
 
@@ -160,7 +169,14 @@ def edit_model(
     With ``merge``, the delta is ``scale * merge(a_t tau_hat_t)`` (TIES or DARE, see
     ``arithmetic.merge``) instead, and ``coefficients`` is not used. ``tensor_coefficients`` gives
     some tensors their own ``c`` (block-wise compositions); the others use ``coefficients``.
+    ``residual_weights`` ``r`` adds ``sum_t r_t R_hat_t`` of a store's coded residuals (task
+    arithmetic with weights ``a``: ``c = W a``, ``r = a``; see ``arithmetic.task_combination``).
     """
+    if tensor_coefficients is not None and store.residuals is not None:
+        raise TvbasisError(
+            f"{store.path}: the store codes residuals per task, so block-wise coefficients over its vectors "
+            f"cannot express a composition; build the store without residual codes"
+        )
     out = Path(out)
     check_output_path(out, overwrite)
     ckpt = open_checkpoint(base)
@@ -211,7 +227,7 @@ def edit_model(
                         flat = merger.rows(chunk)
                     else:
                         c = coefficients if tensor_coefficients is None else tensor_coefficients.get(name, coefficients)
-                        flat = store.combination_rows(chunk, c)
+                        flat = store.combination_rows(chunk, c, residual_weights)
                     delta = flat.reshape(rows.shape)
                     writer.write(name, (rows.to(torch.float64) + delta).to(info.dtype))
                     bar.update(chunk.numel)

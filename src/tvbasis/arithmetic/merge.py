@@ -240,6 +240,11 @@ class TaskMerger:
     def __init__(self, store: Store, spec: MergeSpec, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> None:
         if spec.weights.shape != (store.n_tasks,):
             raise TvbasisError(f"expected {store.n_tasks} task weights, got shape {spec.weights.shape}")
+        if store.residuals is not None:
+            raise TvbasisError(
+                f"{store.path}: --merge {spec.method} works on a basis-only store; this one codes residuals "
+                f"per task (plain addition, negation and reconstruction work on it)"
+            )
         self.store = store
         self.spec = spec
         self.tasks = [int(t) for t in np.nonzero(spec.weights)[0]]

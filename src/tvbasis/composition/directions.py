@@ -54,10 +54,15 @@ def load_directions(store: Store, over: str = "tasks", only: list[str] | None = 
             raise TvbasisError(f"{store.path}: no {over[:-1]} {missing[0]!r} (have {', '.join(labels)})")
         idx = [labels.index(n) for n in only]
         to_vectors, labels = to_vectors[:, idx], list(only)
+    else:
+        idx = list(range(len(labels)))
     mix = torch.from_numpy(to_vectors)
     parts: dict[str, list[torch.Tensor]] = {}
     for chunk in plan_chunks(store.tensors, 1 << 24):
-        rows = store.vector_rows(chunk) @ mix  # [numel, K] float64
+        if over == "tasks" and store.residuals is not None:
+            rows = store.task_columns(chunk, idx)  # the tasks' reconstructions, coded residuals included
+        else:
+            rows = store.vector_rows(chunk) @ mix  # [numel, K] float64
         parts.setdefault(chunk.tensor, []).append(rows.T.to(torch.float32))
     tensors = {
         name: torch.cat(p, dim=1).reshape(len(labels), *store.shape_of(name)).contiguous() for name, p in parts.items()

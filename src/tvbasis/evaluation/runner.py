@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from tvbasis.arithmetic import atoms_sum_coefficients, combination_state, task_coefficients, task_weights
+from tvbasis.arithmetic import atoms_sum_coefficients, combination_state, task_combination, task_weights
 from tvbasis.arithmetic.merge import MergeSpec, merged_state
 from tvbasis.build import build_store
 from tvbasis.evaluation.protocol import effect_retained, gain_retained, search_addition, search_negation
@@ -165,6 +165,12 @@ def full_delta(names: Sequence[str], full_sum: Delta, read_tv: ReadTaskVector) -
     return delta
 
 
+def store_delta(store: Store, weights: np.ndarray) -> Delta:
+    """Task-weighted addition through ``store`` (its coded residuals included) as a state dict."""
+    coefs, residual_weights = task_combination(store.decoder, weights)
+    return combination_state(store, coefs, residual_weights=residual_weights)
+
+
 def store_edits(
     stores: Mapping[tuple[str, int], Store],
     full: Callable[[np.ndarray], Delta],
@@ -182,7 +188,7 @@ def store_edits(
                 method,
                 m,
                 ratio,
-                lambda a, s=store: combination_state(s, task_coefficients(s.decoder, a)),
+                lambda a, s=store: store_delta(s, a),
             )
         )
         for merge in merges if method in merge_methods else ():

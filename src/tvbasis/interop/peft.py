@@ -224,10 +224,12 @@ def _targeted(module: str, targets: Sequence[str] | None) -> bool:
     return targets is None or any(module == t or module.endswith("." + t) for t in targets)
 
 
-def _iter_tensors(store: Store, coefficients: np.ndarray, chunk_elements: int) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_tensors(
+    store: Store, coefficients: np.ndarray, chunk_elements: int, residual_weights: np.ndarray | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Whole tensors of the combination, one at a time (float64)."""
     name, parts = None, []
-    for chunk_name, rows in iter_combination(store, coefficients, chunk_elements):
+    for chunk_name, rows in iter_combination(store, coefficients, chunk_elements, residual_weights):
         if chunk_name != name and parts:
             yield name, torch.cat(parts) if parts[0].dim() else parts[0]  # type: ignore[misc]
             parts = []
@@ -266,8 +268,10 @@ def write_lora_adapter(
     overwrite: bool = False,
     ignore_base_mismatch: bool = False,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    residual_weights: np.ndarray | None = None,
 ) -> LoraReport:
-    """Write ``sum_k c_k s_k`` as a PEFT LoRA adapter directory that ``PeftModel.from_pretrained`` loads.
+    """Write ``sum_k c_k s_k`` (+ ``sum_t r_t R_hat_t`` of a store's coded residuals) as a PEFT LoRA
+    adapter directory that ``PeftModel.from_pretrained`` loads.
 
     Each 2-D weight of a Linear, Embedding or Conv1D module gets the truncated SVD of its
     delta, at rank ``rank`` (capped at the matrix's size) or at the least rank keeping
@@ -290,7 +294,7 @@ def write_lora_adapter(
     weights: dict[str, torch.Tensor] = {}
     kinds: set[str] = set()
     with progress(sum(i.numel for i in store.tensors), "Factoring", unit="param") as bar:
-        for name, delta in _iter_tensors(store, coefficients, chunk_elements):
+        for name, delta in _iter_tensors(store, coefficients, chunk_elements, residual_weights):
             bar.update(delta.numel())
             shape = tuple(delta.shape)
             sq_norm = float((delta.to(torch.float64) ** 2).sum())

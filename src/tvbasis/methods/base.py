@@ -38,6 +38,8 @@ class BasisMethod(ABC):
     observes: ClassVar[bool] = False
     #: Whether the decoder is refitted by least squares on the atoms as stored.
     decoder_from_atoms: ClassVar[bool] = False
+    #: The fewest atoms the method accepts (pca: 0, a store of coded residuals alone).
+    min_atoms: ClassVar[int] = 1
 
     def __init__(self, n_atoms: int, seed: int = 0) -> None:
         self.n_atoms = int(n_atoms)
@@ -52,8 +54,10 @@ class BasisMethod(ABC):
         return {"n_atoms": self.n_atoms, "seed": self.seed}
 
     def check_n_tasks(self, n_tasks: int) -> None:
-        if not 1 <= self.n_atoms <= n_tasks:
-            raise TvbasisError(f"-M {self.n_atoms}: must be between 1 and the number of tasks T = {n_tasks}")
+        if not self.min_atoms <= self.n_atoms <= n_tasks:
+            raise TvbasisError(
+                f"-M {self.n_atoms}: must be between {self.min_atoms} and the number of tasks T = {n_tasks}"
+            )
 
     # -- fitting ----------------------------------------------------------------------
     def observe(self, chunk: Chunk, X: torch.Tensor) -> None:  # noqa: B027 - optional hook

@@ -35,6 +35,7 @@ def fix_signs(Q: np.ndarray) -> np.ndarray:
 
 class PCA(BasisMethod):
     name = "pca"
+    min_atoms = 0  # M = 0: no basis, every task is its coded residual (build with residual codes)
 
     def __init__(self, n_atoms: int, center: bool = False, seed: int = 0) -> None:
         super().__init__(n_atoms, seed)

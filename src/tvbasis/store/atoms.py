@@ -22,6 +22,9 @@ from tvbasis.tasks.taskvectors import Chunk
 class AtomWriter:
     """The atom files of one store under ``directory``: ``names[k]`` holds vector k.
 
+    ``shapes`` names the tensors the atoms cover (all of them but those a code plan leaves to
+    the residuals); the atoms are zero, and not stored, on the others.
+
     Call it as an atom-pass sink: ``writer(chunk, S)`` writes the chunk's rows of the K
     vectors (``S`` is ``(numel, K)``) and returns them as stored, in float64 for int8. It
     pickles as plain data (paths, shapes, dtype) and opens its files where it is used.
@@ -68,6 +71,9 @@ class AtomWriter:
         return self._writers
 
     def __call__(self, chunk: Chunk, S: torch.Tensor) -> torch.Tensor:
+        if chunk.tensor not in self.shapes:
+            # a tensor the basis does not cover (its residuals are coded instead): the atoms are zero there
+            return torch.zeros_like(S, dtype=torch.float64)
         writers = self._open(create=False)
         shape = self.shapes[chunk.tensor]
         n_rows = chunk.stop - chunk.start

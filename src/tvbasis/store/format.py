@@ -11,6 +11,8 @@ A store is a directory that uploads to a model hub as it is::
       atoms/mean.safetensors           base's tensor names, so each is itself a task vector
       tensor_gram.safetensors  optional (``build --tensor-stats``): each tensor's own T x T Gram
                                matrix G_n, keyed by the tensor's name (sum over n = gram)
+      residuals/task-000.safetensors ...  optional (``build --residual``/``--budget``): each task's
+                               coded residual per tensor (see ``store.residuals``)
       README.md               a short model card
 
 The directory is assembled under a temporary name and renamed when complete, and
@@ -35,6 +37,7 @@ from tvbasis.errors import StoreError
 from tvbasis.io.checkpoint import Checkpoint, TensorInfo, _safetensors_infos
 from tvbasis.methods import METHODS, BasisMethod
 from tvbasis.store.quantize import dequantize_rows, is_quantized, scale_name
+from tvbasis.store.residuals import ResidualReader
 from tvbasis.tasks.taskvectors import Chunk
 
 FORMAT_NAME = "tvbasis-store"
@@ -139,6 +142,14 @@ class Store:
         except ValueError:
             raise StoreError(f"{self.path}: no task {name!r} (tasks: {', '.join(self.task_names)})") from None
 
+    @cached_property
+    def residuals(self) -> ResidualReader | None:
+        """The coded residuals (``build --residual``/``--budget``), or None for a basis-only store."""
+        entry = self.manifest.get("residuals")
+        if entry is None:
+            return None
+        return ResidualReader(self.path, entry, self._shapes, self.task_names)
+
     # -- reading atoms ------------------------------------------------------------------
     @cached_property
     def _vectors(self) -> list[Checkpoint]:
@@ -152,6 +163,8 @@ class Store:
         """Rows of all K stored vectors for ``chunk``: ``(numel, K)`` float64 (regenerated if not stored)."""
         if not self.manifest["atoms"]["stored"]:
             return self.method.atom_rows(chunk, None)
+        if self.residuals is not None and not self.residuals.covered(chunk.tensor):
+            return torch.zeros(chunk.numel, int(self.manifest["n_vectors"]), dtype=torch.float64)
         cols = []
         quantized = is_quantized(self.manifest["atoms"]["dtype"], self.shape_of(chunk.tensor))
         for ckpt in self._vectors:
@@ -162,11 +175,36 @@ class Store:
                 cols.append(dequantize_rows(rows.reshape(len(scale), -1), scale).reshape(-1))
             else:
                 cols.append(rows.reshape(-1).to(torch.float64))
+        if not cols:  # M = 0: residuals only
+            return torch.zeros(chunk.numel, 0, dtype=torch.float64)
         return torch.stack(cols, dim=1)
 
-    def combination_rows(self, chunk: Chunk, coefficients: np.ndarray) -> torch.Tensor:
-        """``sum_k c_k * vector_k`` on ``chunk``'s rows, flat float64."""
-        return self.vector_rows(chunk) @ torch.from_numpy(np.asarray(coefficients, dtype=np.float64))
+    def combination_rows(
+        self, chunk: Chunk, coefficients: np.ndarray, residual_weights: np.ndarray | None = None
+    ) -> torch.Tensor:
+        """``sum_k c_k * vector_k`` on ``chunk``'s rows, flat float64, plus ``sum_t r_t * R_hat_t``
+        of the coded residuals when the store has them and ``residual_weights`` (``r``, one per
+        task) is given: task-weighted addition with weights ``a`` is ``c = W a``, ``r = a``."""
+        rows = self.vector_rows(chunk) @ torch.from_numpy(np.asarray(coefficients, dtype=np.float64))
+        if residual_weights is not None and self.residuals is not None:
+            extra = self.residuals.rows(chunk, np.asarray(residual_weights, dtype=np.float64))
+            if extra is not None:
+                rows += extra
+        return rows
+
+    def task_rows(self, chunk: Chunk, weights: np.ndarray) -> torch.Tensor:
+        """Task-weighted addition ``sum_t a_t tau_hat_t`` on ``chunk``'s rows, residuals included."""
+        weights = np.asarray(weights, dtype=np.float64)
+        return self.combination_rows(chunk, self.decoder @ weights, weights)
+
+    def task_columns(self, chunk: Chunk, tasks: list[int], weights: np.ndarray | None = None) -> torch.Tensor:
+        """The reconstructions ``a_t tau_hat_t`` of ``tasks`` side by side: ``(numel, len(tasks))`` float64."""
+        a = np.ones(len(tasks)) if weights is None else np.asarray(weights, dtype=np.float64)
+        coefficients = torch.from_numpy(np.ascontiguousarray(self.decoder[:, tasks] * a))
+        cols = self.vector_rows(chunk) @ coefficients
+        if self.residuals is not None:
+            cols += self.residuals.columns(chunk, tasks) * torch.from_numpy(a)
+        return cols
 
     def summary(self) -> dict[str, Any]:
         """What ``tvbasis info --json`` prints."""
@@ -203,7 +241,18 @@ class Store:
             "bytes": m["bytes"],
             "base": {k: m["base"][k] for k in ("source", "fingerprint")},
             **({"tensor_stats": True} if self.has_tensor_grams else {}),
+            **({"codes": self.code_summary()} if self.residuals is not None else {}),
         }
+
+    def code_summary(self) -> dict[str, Any]:
+        """How many tensors (and task-vector entries) each code holds: ``{"basis + int4": {...}}``."""
+        assert self.residuals is not None
+        out: dict[str, dict[str, int]] = {}
+        for name, tc in self.residuals.codes.items():
+            row = out.setdefault(str(tc), {"tensors": 0, "params": 0})
+            row["tensors"] += 1
+            row["params"] += int(np.prod(self.shape_of(name), dtype=np.int64))
+        return out
 
 
 def _dtype(name: str) -> torch.dtype:
