@@ -90,6 +90,7 @@ def build_store(
     engine: Engine | None = None,
     tensor_stats: bool = False,
     codes: CodePlan | None = None,
+    plan_report: dict[str, Any] | None = None,
 ) -> Store:
     """Compress the task vectors of ``tasks`` (relative to ``base``) into a store at ``out``.
 
@@ -111,6 +112,7 @@ def build_store(
     ``codes``: per tensor, whether the basis covers it and how each task's residual is coded
     (``store.residuals``; ``planning.plan_budget`` chooses one for a byte budget). A third pass,
     run locally whatever the engine, codes the residuals against the atoms as stored.
+    ``plan_report``: the planner's summary (budget, estimates), kept in the manifest as ``budget_plan``.
     """
     engine = engine or LocalEngine()
     out = Path(out)
@@ -198,6 +200,8 @@ def build_store(
         if unrounded_metrics is not None:
             for t, task in enumerate(manifest["tasks"]):
                 task["rel_error_unrounded"] = float(unrounded_metrics["rel_error"][t])
+        if plan_report is not None:
+            manifest["budget_plan"] = plan_report
         if tensor_codes is not None:
             _write_residuals(tvs, tmp, manifest, arrays, method, tensor_codes, chunk_elements, stats)
         finalise_store(tmp, manifest)
@@ -247,6 +251,7 @@ def _write_residuals(
         _check_hashes(tvs, stats, [h.hexdigest() for h in hashers])
     metrics = errors.metrics()
     for t, task in enumerate(manifest["tasks"]):
+        task.pop("rel_error_unrounded", None)  # the residuals correct the atoms' rounding too
         task["rel_error_basis"] = task["rel_error"]
         task["rel_error"] = float(metrics["rel_error"][t])
         task["cosine"] = float(metrics["cosine"][t])

@@ -163,6 +163,20 @@ def build(
             "(int8, int4, keep:0.0625:int4:seed=0, ...; see docs/codes.md). -M 0 codes the task vectors alone.",
         ),
     ] = None,
+    budget: Annotated[
+        float | None,
+        typer.Option(
+            help="Plan every tensor's code (pca basis size, residual codes) for this budget and build it: a "
+            "fraction of the fp32 task vectors, or bytes. Replaces --method/-M/--residual/--dtype.",
+        ),
+    ] = None,
+    plan_from: Annotated[
+        Path | None,
+        typer.Option(help="[--budget] plan from this store's --tensor-stats (same inputs) instead of a Gram pass."),
+    ] = None,
+    noise_weight: Annotated[
+        float, typer.Option(help="[--budget] weight of unbiased (random) error against biased error.")
+    ] = 1 / 64,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -181,6 +195,26 @@ def build(
         m = n_atoms if n_atoms is not None else rec.n_atoms
         if base_path is None:
             raise TvbasisError("--base: missing (give --base or 'base:' in the recipe)")
+        if budget is not None:
+            store = _build_for_budget(
+                base_path,
+                sources,
+                out_path,
+                budget,
+                plan_from,
+                noise_weight,
+                seed,
+                include or rec.include,
+                exclude or rec.exclude,
+                chunk_elements,
+                overwrite,
+                given=[(method, "--method"), (n_atoms, "-M"), (residual, "--residual"), (dtype, "--dtype")],
+            )
+            if not quiet:
+                _print_info(store.summary())
+            return
+        if plan_from is not None:
+            raise TvbasisError("--plan-from applies to --budget only")
         if method_name is None:
             raise TvbasisError("--method: missing (give --method or 'method:' in the recipe)")
         if m is None:
@@ -243,6 +277,42 @@ def build(
         _print_info(store.summary())
 
 
+def _build_for_budget(
+    base: str,
+    sources: list[Any],
+    out_path: Path | None,
+    budget: float,
+    plan_from: Path | None,
+    noise_weight: float,
+    seed: int | None,
+    include: list[str],
+    exclude: list[str],
+    chunk_elements: int,
+    overwrite: bool,
+    given: list[tuple[object, str]],
+) -> Any:
+    from tvbasis.planning.budget import build_for_budget
+
+    for value, option in given:
+        if value is not None:
+            raise TvbasisError(f"{option} does not apply with --budget (the plan chooses it)")
+    if out_path is None:
+        raise TvbasisError("--out: missing")
+    return build_for_budget(
+        base,
+        sources,
+        out_path,
+        budget,
+        include=include,
+        exclude=exclude,
+        stats_store=plan_from,
+        seed=seed or 0,
+        noise_weight=noise_weight,
+        chunk_elements=chunk_elements,
+        overwrite=overwrite,
+    )
+
+
 @app.command()
 def info(
     store: Annotated[Path, typer.Argument(help="Store directory.")],
@@ -278,10 +348,19 @@ def _print_info(s: dict[str, Any]) -> None:
             highlight=False,
         )
     rounded = any("rel_error_unrounded" in t for t in s["tasks"])
-    columns = ["task", "relative error", *([f"of which {s['atom_dtype']} adds"] if rounded else []), "cosine", "norm"]
+    coded = any("rel_error_basis" in t for t in s["tasks"])
+    columns = [
+        "task",
+        "relative error",
+        *([f"of which {s['atom_dtype']} adds"] if rounded else []),
+        *(["basis alone"] if coded else []),
+        "cosine",
+        "norm",
+    ]
     table = Table(*columns)
     for t in s["tasks"]:
         extra = [f"{t['rel_error'] - t['rel_error_unrounded']:+.2e}"] if rounded else []
+        extra += [_num(t.get("rel_error_basis"), ".4f")] if coded else []
         name = f"{t['name']} (LoRA)" if t.get("input") == "lora-adapter" else t["name"]
         table.add_row(name, _num(t["rel_error"], ".4f"), *extra, _num(t["cosine"], ".4f"), _num(t["norm"], ".4g"))
     out.print(table)
@@ -719,11 +798,24 @@ def plan(
         typer.Option("--atoms", "-M", help="Atoms of a per-tensor PCA basis to price; repeat (default: M)."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    budget: Annotated[
+        float | None,
+        typer.Option(help="Choose every tensor's code for this budget: a fraction of the fp32 task vectors, or bytes."),
+    ] = None,
+    noise_weight: Annotated[
+        float, typer.Option(help="[--budget] weight of unbiased (random) error against biased error.")
+    ] = 1 / 64,
+    seed: Annotated[int, typer.Option(help="[--budget] seed of the random keep codes.")] = 0,
 ) -> None:
-    """Per tensor, from the stored matrices only: energy share, the store basis's error, and a per-tensor PCA's."""
+    """Per tensor, from the stored matrices only: energy share, the store basis's error, and a per-tensor PCA's.
+
+    With --budget: the code of every tensor that loses least within the budget (see docs/codes.md)."""
     from tvbasis.planning import estimate_store
     from tvbasis.store import open_store
 
+    if budget is not None:
+        _print_budget_plan(store, budget, atoms, noise_weight, seed, as_json)
+        return
     try:
         est = estimate_store(open_store(store), atoms or ())
     except TvbasisError as exc:
@@ -756,6 +848,44 @@ def plan(
         highlight=False,
         soft_wrap=True,
     )
+
+
+def _print_budget_plan(
+    store: Path, budget: float, atoms: list[int] | None, noise_weight: float, seed: int, as_json: bool
+) -> None:
+    from tvbasis.planning.budget import plan_budget, stats_from_store
+
+    try:
+        gram, grams, shapes, names = stats_from_store(store)
+        p = plan_budget(
+            gram, grams, shapes, budget, task_names=names, atoms=atoms or None, seed=seed, noise_weight=noise_weight
+        )
+    except TvbasisError as exc:
+        _fail(exc)
+    summary = p.summary()
+    if as_json:
+        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+        return
+    out.print(
+        f"[bold]{escape(str(store))}[/]: plan for {summary['budget_bytes']:,} bytes "
+        f"({100 * summary['budget_bytes'] / p.original_bytes:.3g}% of the {len(names)} fp32 task vectors): "
+        f"pca basis M = {p.n_atoms} (int8 atoms), estimated {summary['estimated_bytes']:,} bytes"
+    )
+    table = Table(
+        "code (per tensor)",
+        "tensors",
+        "bytes",
+        "est. loss",
+        caption="loss: bias + noise_weight x variance, relative to each task's energy, mean over tasks",
+    )
+    for code, g in sorted(summary["codes"].items(), key=lambda kv: -kv[1]["bytes"]):
+        table.add_row(escape(code), str(g["tensors"]), f"{int(g['bytes']):,}", f"{g['loss']:.4f}")
+    table.add_row("[bold]headers, matrices, manifest[/]", "", f"{p.overhead_bytes:,}", "")
+    out.print(table)
+    tasks = Table("task", "est. bias", "est. variance", "est. loss")
+    for n, t in summary["tasks"].items():
+        tasks.add_row(escape(str(n)), f"{t['bias']:.4f}", f"{t['variance']:.3g}", f"{t['loss']:.4f}")
+    out.print(tasks)
 
 
 # --------------------------------------------------------------------------------------------

@@ -249,9 +249,10 @@ def run_addition(
             "normalised": {n: test[n] / ft["test"][n] if ft["test"][n] > 0 else float("nan") for n in names},
         }
         log(f"addition  {edit.label:<28} lambda={res.lam:.2f}  mean test acc {np.mean(list(test.values())):.3f}")
-    full_test = addition[FULL]["test"]
-    for row in addition.values():
-        row["gain_retained"] = gain_retained(row["test"], zs["test"], full_test)
+    if FULL in addition:  # gains are relative to the full vectors' (a caller may hold them already)
+        full_test = addition[FULL]["test"]
+        for row in addition.values():
+            row["gain_retained"] = gain_retained(row["test"], zs["test"], full_test)
     return addition
 
 
@@ -316,7 +317,7 @@ def run_negation(
                 row["target_test"] = ev.accuracy(target, "test", limits.test)
                 row["control_test"] = ev.accuracy(control, "test", limits.test)
             rows[edit.label] = row
-        full_row = rows[FULL]
+        full_row = rows.get(FULL, {})
         for row in rows.values():
             if "target_test" in row and "target_test" in full_row:
                 row["effect_retained"] = effect_retained(row["target_test"], test_zs[target], full_row["target_test"])

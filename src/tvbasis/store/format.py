@@ -228,6 +228,7 @@ class Store:
                         "input",
                         "rel_error",
                         "rel_error_unrounded",
+                        "rel_error_basis",
                         "cosine",
                         "norm",
                         "source",

@@ -1,0 +1,214 @@
+"""Compression frontier on the text suite: gain and per-task negation kept against bytes stored.
+
+Every configuration is a store built from the 8 cached MiniLM fine-tunes of ``tvbasis demo``
+(``--tensor-stats`` on, so ``tvbasis plan`` can read it): a basis alone, a code on every
+tensor's task vector (``-M 0 --residual CODE``), or a planned mix (``build --budget``). Through
+each store the suite's protocol runs task addition (lambda on validation, test once) and the
+negation of **every** task (lambda minimising the target's validation accuracy with the control
+at >= 95% of zero-shot). Reported per configuration: bytes (everything in the store, relative to
+the 8 fp32 task vectors), gain retained per task and overall, negation effect retained per task,
+and the store's measured relative error. Each finished configuration is appended to
+``results.jsonl``, so a run can be resumed; ``--report`` writes ``report.md`` and ``frontier.png``.
+
+    .venv/bin/python benchmarks/frontier.py --out runs/frontier [--configs single planned] [--report]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tvbasis.build import build_store
+from tvbasis.evaluation import runner
+from tvbasis.evaluation.protocol import effect_retained, gain_retained
+from tvbasis.methods import make_method
+from tvbasis.store import Store
+from tvbasis.store.residuals import uniform_plan
+from tvbasis.tasks import TaskSource
+from tvbasis.textsuite.data import TASK_NAMES, load_task
+from tvbasis.textsuite.model import Evaluator, finetune_cached, minilm_path
+from tvbasis.textsuite.presets import default_cache
+from tvbasis.textsuite.suite import SuiteConfig, task_vector
+
+SEEDS = (0, 1, 2)
+#: (label, M, residual code or None); ``{seed}`` is filled in for the random codes.
+SINGLE: list[tuple[str, int, str | None]] = [
+    ("pca M=2", 2, None),
+    ("pca M=4", 4, None),
+    ("pca M=6", 6, None),
+    ("int8", 0, "int8"),
+    ("int4", 0, "int4"),
+    ("int2", 0, "int2"),
+    ("lloydmax2", 0, "lloydmax2"),
+    ("sign", 0, "sign"),
+    ("topk 6.25%", 0, "topk:0.0625"),
+    ("lowrank 8", 0, "lowrank:8"),
+    ("keep 50% int4", 0, "keep:0.5:int4:seed={seed}"),
+    ("keep 12.5% int4", 0, "keep:0.125:int4:seed={seed}"),
+    ("keep 6.25% int4", 0, "keep:0.0625:int4:seed={seed}"),
+    ("keep 1.25% int8", 0, "keep:0.0125:int8:seed={seed}"),
+]
+BUDGETS = (0.004, 0.008, 0.016, 0.03, 0.06, 0.12)
+
+
+def configurations(kinds: list[str], seeds: tuple[int, ...]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    if "single" in kinds:
+        for label, m, code in SINGLE:
+            for seed in seeds if code and "{seed}" in code else (0,):
+                spec = code.format(seed=seed) if code else None
+                out.append({"label": label, "kind": "single", "M": m, "residual": spec, "seed": seed})
+    if "planned" in kinds:
+        for budget in BUDGETS:
+            for seed in seeds:
+                out.append({"label": f"planned {budget:.1%}", "kind": "planned", "budget": budget, "seed": seed})
+    return out
+
+
+def key(cfg: dict[str, Any]) -> str:
+    return json.dumps({k: cfg[k] for k in sorted(cfg)}, sort_keys=True)
+
+
+def build_config(cfg: dict[str, Any], base: Path, sources: list[TaskSource], path: Path, plan_store: Path) -> Store:
+    if cfg["kind"] == "single":
+        codes = uniform_plan(cfg["residual"]) if cfg["residual"] else None
+        return build_store(base, sources, make_method("pca", cfg["M"]), path, overwrite=True, codes=codes)
+    from tvbasis.planning.budget import build_for_budget
+
+    return build_for_budget(base, sources, path, budget=cfg["budget"], stats_store=plan_store, seed=cfg["seed"])
+
+
+def evaluate(
+    store: Store, ev: Evaluator, names: list[str], ref: dict[str, Any], limits: runner.Limits, log: runner.Log
+) -> dict[str, Any]:
+    """Addition and the negation of every task through ``store``; shares kept against the full vectors."""
+    edit = runner.Edit(
+        "store", "store", store.n_atoms, store.manifest["bytes"]["ratio"], lambda a: runner.store_delta(store, a)
+    )
+    add = runner.run_addition(ev, [edit], names, ref["zs"], ref["ft"], limits, "coarse-to-fine", log)["store"]
+    gain = gain_retained(add["test"], ref["zs"]["test"], ref["full_addition"]["test"])
+    neg = runner.run_negation(
+        ev, [edit], names, names, CONTROL_FOR, ref["zs"]["val"], ref["zs"]["test"], limits, 0.95, "coarse-to-fine", log
+    )
+    effects = {}
+    for t in names:
+        row = neg[t]["store"]
+        effects[t] = (
+            effect_retained(row["target_test"], ref["zs"]["test"][t], ref["full_negation"][t]["target_test"])
+            if "target_test" in row
+            else float("nan")
+        )
+    zs_mean = np.mean(list(ref["zs"]["test"].values()))
+    full_mean = np.mean(list(ref["full_addition"]["test"].values()))
+    return {
+        "bytes_ratio": store.manifest["bytes"]["ratio"],
+        "bytes_total": store.manifest["bytes"]["total"],
+        "rel_error": {t["name"]: t["rel_error"] for t in store.manifest["tasks"]},
+        "addition": add,
+        "gain_mean": float((np.mean(list(add["test"].values())) - zs_mean) / (full_mean - zs_mean)),
+        "gain": gain,
+        "negation": {t: neg[t]["store"] for t in names},
+        "effect": effects,
+        "effect_min": float(np.nanmin(list(effects.values()))),
+    }
+
+
+SUITE = SuiteConfig(out_dir=Path("."), cache_dir=Path("."))
+CONTROL_FOR = SUITE.control_for
+
+
+def reference(ev: Evaluator, names: list[str], base_state, read_tv, limits: runner.Limits, log) -> dict[str, Any]:
+    """Zero-shot, fine-tuned, and addition and negation through the full task vectors."""
+    zs = runner.zero_shot(ev, names, limits)
+    ft, full_sum = runner.finetuned(ev, names, base_state, read_tv, limits)
+    full = runner.Edit(runner.FULL, "full", None, 1.0, runner.full_delta(names, full_sum, read_tv))
+    add = runner.run_addition(ev, [full], names, zs, ft, limits, "coarse-to-fine", log)[runner.FULL]
+    neg = runner.run_negation(
+        ev, [full], names, names, CONTROL_FOR, zs["val"], zs["test"], limits, 0.95, "coarse-to-fine", log
+    )
+    return {
+        "zs": zs,
+        "ft": ft,
+        "full_addition": add,
+        "full_negation": {t: neg[t][runner.FULL] for t in names},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("runs/frontier"))
+    ap.add_argument("--configs", nargs="+", default=["single", "planned"], choices=["single", "planned"])
+    ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    ap.add_argument("--only", nargs="*", default=None, help="labels to run (default: all)")
+    ap.add_argument("--report", action="store_true", help="only write report.md and frontier.png from results.jsonl")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.report:
+        from frontier_report import write_report
+
+        write_report(args.out)
+        return
+    torch.manual_seed(0)
+    base = minilm_path()
+    tasks = [load_task(n) for n in TASK_NAMES]
+    names = [t.name for t in tasks]
+    ft_dirs = {t.name: finetune_cached(base, t, default_cache() / "finetunes") for t in tasks}
+    sources = [TaskSource(n, ft_dirs[n]) for n in names]
+    limits = runner.Limits(val=SUITE.val_limit, test=SUITE.test_limit)
+    ev = Evaluator(base, tasks)
+    base_state = ev.base_state()
+
+    def read_tv(n: str) -> dict[str, torch.Tensor]:
+        return task_vector(base_state, ft_dirs[n])
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    ref_path = args.out / "reference.json"
+    if ref_path.exists():
+        ref = json.loads(ref_path.read_text())
+    else:
+        t0 = time.perf_counter()
+        ref = reference(ev, names, base_state, read_tv, limits, log)
+        ref["seconds"] = time.perf_counter() - t0
+        ref_path.write_text(json.dumps(ref, indent=2) + "\n")
+    results_path = args.out / "results.jsonl"
+    done = set()
+    if results_path.exists():
+        done = {key(json.loads(line)["config"]) for line in results_path.read_text().splitlines() if line.strip()}
+    (args.out / "stores").mkdir(exist_ok=True)
+    plan_store = args.out / "stores" / "stats"
+    if "planned" in args.configs and not (plan_store / "tvbasis.json").exists():
+        build_store(base, sources, make_method("pca", 1), plan_store, overwrite=True, tensor_stats=True)
+    for cfg in configurations(args.configs, tuple(args.seeds)):
+        if key(cfg) in done or (args.only and cfg["label"] not in args.only):
+            continue
+        path = args.out / "stores" / "current"
+        t0 = time.perf_counter()
+        store = build_config(cfg, base, sources, path, plan_store)
+        t_build = time.perf_counter() - t0
+        res = evaluate(store, ev, names, ref, limits, log)
+        res["seconds"] = {"build": t_build, "evaluate": time.perf_counter() - t0 - t_build}
+        if cfg["kind"] == "planned":
+            res["plan"] = store.summary().get("codes")
+        with results_path.open("a") as f:
+            f.write(json.dumps({"config": cfg, **res}) + "\n")
+        log(
+            f"== {cfg['label']} seed {cfg['seed']}: bytes {res['bytes_ratio']:.4%}, gain {res['gain_mean']:.3f}, "
+            f"min negation effect {res['effect_min']:.3f} ({res['seconds']['build']:.0f} + "
+            f"{res['seconds']['evaluate']:.0f} s)"
+        )
+        shutil.rmtree(path, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

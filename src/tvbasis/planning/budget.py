@@ -1,0 +1,435 @@
+"""Choosing every tensor's code for a byte budget (``tvbasis plan --budget``, ``tvbasis build --budget``).
+
+Per tensor the planner picks one *candidate*: whether a global PCA basis of M atoms covers it,
+and the code of each task's residual there (``none``, ``int8``, ``int4``, ``lloydmax2``,
+``sign``, random keep at several rates ...). It also picks M. Everything it reads is cheap and
+comes from one pass: the per-tensor Gram matrices ``G_n`` (``build --tensor-stats``) give each
+task's residual energy ``r_nt`` on every tensor for any linear basis; a code's error on a residual
+is estimated as ``r_nt`` times the code's relative bias and variance on Gaussian rows of the
+tensor's row length (measured once per code and row length with ``codes.bias_variance``).
+
+**Objective (the accuracy proxy).** Squared weight error does not predict accuracy: unbiased
+random error costs far less accuracy than the same energy of biased error. The planner
+therefore charges each task ``bias_t / ||tau_t||^2 + noise_weight * variance_t / ||tau_t||^2``
+and minimises the mean over tasks; ``noise_weight`` (default 1/64) says how much less an
+unbiased error hurts. ``benchmarks/frontier.py`` checks the resulting ranking of codes against
+measured gain and negation on the text suite.
+
+**Search.** One candidate per tensor under a byte budget is a multiple-choice knapsack; a
+Lagrange multiplier ``mu`` on bytes makes it separable (each tensor takes
+``argmin loss + mu * bytes``), and bisection on ``mu`` finds the cheapest plan within budget. This
+is repeated for every M considered and the best plan kept. Planning costs milliseconds to
+seconds (``T x T`` matrices only), far below a build.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tvbasis.codes import CodeSpec, TensorKey, bias_variance, nbytes, parse_code
+from tvbasis.codes.core import row_view_shape
+from tvbasis.errors import TvbasisError
+from tvbasis.io.writer import TensorSpec, safetensors_header
+from tvbasis.planning.estimates import atom_bytes, coefficient_bytes
+from tvbasis.store.residuals import CodePlan, TensorCode, payload_parts
+
+#: Residual codes the planner tries on every tensor; ``{seed}`` is the build's seed.
+DEFAULT_CODES: tuple[str, ...] = (
+    "none",
+    "int8",
+    "int4",
+    "lloydmax2",
+    "sign",
+    "keep:0.5:int4:seed={seed}",
+    "keep:0.25:int4:seed={seed}",
+    "keep:0.125:int4:seed={seed}",
+    "keep:0.0625:int4:seed={seed}",
+    "keep:0.03125:int4:seed={seed}",
+    "keep:0.0125:int8:seed={seed}",
+    "keep:0.00625:int8:seed={seed}",
+    "keep:0.003:int8:seed={seed}",
+)
+DEFAULT_NOISE_WEIGHT = 1 / 64
+#: Atoms of a planned store are int8 (the residuals correct their rounding).
+ATOM_DTYPE = "int8"
+#: Bytes of a store beyond payloads, headers and matrices: model card and manifest (an upper
+#: estimate: a fixed part, and per tensor its layout, base fingerprint and code entries).
+FIXED_OVERHEAD = 16 * 1024
+MANIFEST_BYTES_PER_TENSOR = 400
+_CALIBRATION_ROWS = 64
+
+
+@lru_cache(maxsize=4096)
+def relative_error(spec: CodeSpec, row_numel: int, rows: int) -> tuple[float, float]:
+    """``(bias, variance) / ||x||^2`` of ``spec`` on Gaussian rows of ``row_numel`` entries (fixed seed)."""
+    if spec.name == "none":
+        return 1.0, 0.0
+    g = torch.Generator().manual_seed(0)
+    n_rows = max(1, min(rows, _CALIBRATION_ROWS))
+    # a 1-D tensor is one row; tensor-wide codes see a (sub)matrix of the tensor's row length
+    x = torch.randn((n_rows, row_numel), generator=g, dtype=torch.float64)
+    if rows == 1 and n_rows == 1:
+        x = x.reshape(-1)
+    err = bias_variance(spec, x, TensorKey("calibration", "calibration", 0))
+    energy = float(x.square().sum())
+    return err.bias_sq / energy, err.variance / energy
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One tensor's chosen candidate, its bytes and estimated per-task proxy loss (relative to ``||tau_t||^2``)."""
+
+    tensor: str
+    code: TensorCode
+    nbytes: int
+    bias: np.ndarray = field(repr=False)  # (T,)
+    variance: np.ndarray = field(repr=False)  # (T,)
+
+
+@dataclass
+class BudgetPlan:
+    """A planned store: the basis size, every tensor's choice, and the estimated bytes and loss."""
+
+    n_atoms: int
+    choices: list[Choice]
+    budget_bytes: int
+    original_bytes: int
+    overhead_bytes: int
+    noise_weight: float
+    task_names: list[str]
+
+    @property
+    def codes(self) -> CodePlan:
+        return CodePlan(tensors={c.tensor: c.code for c in self.choices})
+
+    @property
+    def nbytes(self) -> int:
+        return self.overhead_bytes + sum(c.nbytes for c in self.choices)
+
+    def task_bias(self) -> np.ndarray:
+        return np.sum([c.bias for c in self.choices], axis=0)
+
+    def task_variance(self) -> np.ndarray:
+        return np.sum([c.variance for c in self.choices], axis=0)
+
+    def task_loss(self) -> np.ndarray:
+        return self.task_bias() + self.noise_weight * self.task_variance()
+
+    @property
+    def loss(self) -> float:
+        return float(self.task_loss().mean())
+
+    def summary(self) -> dict[str, Any]:
+        """What ``tvbasis plan --budget --json`` prints."""
+        groups: dict[str, dict[str, float]] = {}
+        for c in self.choices:
+            g = groups.setdefault(str(c.code), {"tensors": 0, "bytes": 0, "loss": 0.0})
+            g["tensors"] += 1
+            g["bytes"] += c.nbytes
+            g["loss"] += float((c.bias + self.noise_weight * c.variance).mean())
+        return {
+            "M": self.n_atoms,
+            "budget_bytes": self.budget_bytes,
+            "estimated_bytes": self.nbytes,
+            "ratio": self.nbytes / self.original_bytes,
+            "noise_weight": self.noise_weight,
+            "estimated_loss": self.loss,
+            "tasks": {
+                n: {"bias": float(b), "variance": float(v), "loss": float(lo)}
+                for n, b, v, lo in zip(
+                    self.task_names, self.task_bias(), self.task_variance(), self.task_loss(), strict=True
+                )
+            },
+            "codes": groups,
+            "tensors": {c.tensor: str(c.code) for c in self.choices},
+        }
+
+
+def _pca(gram: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """Encoder ``B`` (T, m) and decoder ``W`` (m, T) of the (uncentred) PCA basis, as ``methods.PCA`` fits it."""
+    from tvbasis.methods import PCA
+
+    method = PCA(m).fit(gram)
+    assert method.encoder_ is not None and method.decoder_ is not None
+    return method.encoder_, method.decoder_
+
+
+def _residual_energy(tensor_gram: np.ndarray, encoder: np.ndarray, decoder: np.ndarray) -> np.ndarray:
+    """Per task ``||x_nt - (X_n B W)_t||^2 = diag(E^T G_n E)``, ``E = I - B W``."""
+    E = np.eye(tensor_gram.shape[0]) - encoder @ decoder
+    return np.clip(np.einsum("it,ij,jt->t", E, tensor_gram, E), 0.0, None)
+
+
+def _header_bytes(specs: list[TensorSpec]) -> int:
+    prefix, _ = safetensors_header(specs, {"tvbasis_residual_task": "x" * 16})
+    return len(prefix)
+
+
+def _overhead(n_tasks: int, shapes: Mapping[str, tuple[int, ...]], n_atoms: int, residual_codes: Sequence[str]) -> int:
+    """Headers of the residual and atom files, the matrices and a fixed allowance (an upper estimate)."""
+    # Residual headers: price every tensor with the candidate whose parts are most numerous.
+    widest = max((parse_code(c) for c in residual_codes), key=lambda s: len(payload_parts(s, (2, 2))))
+    specs = [
+        TensorSpec(f"{n}/{p.name}", p.shape, p.dtype)
+        for n, shape in shapes.items()
+        for p in payload_parts(widest, shape)
+    ]
+    residual_headers = n_tasks * _header_bytes(specs)
+    atom_specs = [TensorSpec(n, s, torch.int8) for n, s in shapes.items()]
+    atom_specs += [TensorSpec(n + ".qscale", s[:1], torch.float32) for n, s in shapes.items() if len(s) >= 2]
+    atom_headers = n_atoms * _header_bytes(atom_specs)
+    matrices = 8 * (3 * n_tasks * n_tasks + 3 * (n_atoms + 1) * n_tasks) + 4096
+    manifest = FIXED_OVERHEAD + MANIFEST_BYTES_PER_TENSOR * len(shapes) + 200 * n_tasks
+    return manifest + residual_headers + atom_headers + matrices + coefficient_bytes(n_atoms, n_tasks)
+
+
+def plan_budget(
+    gram: np.ndarray,
+    tensor_grams: Mapping[str, np.ndarray],
+    shapes: Mapping[str, tuple[int, ...]],
+    budget: float,
+    *,
+    task_names: Sequence[str] | None = None,
+    atoms: Sequence[int] | None = None,
+    codes: Sequence[str] = DEFAULT_CODES,
+    seed: int = 0,
+    noise_weight: float = DEFAULT_NOISE_WEIGHT,
+) -> BudgetPlan:
+    """The plan with the least estimated proxy loss within ``budget`` (a fraction of the T fp32
+    task vectors' bytes if <= 1, else bytes), over M in ``atoms`` (default 0, 1, 2, 4 ... T - 1)."""
+    T = gram.shape[0]
+    names = list(tensor_grams)
+    if set(names) != set(shapes):
+        raise TvbasisError("per-tensor Gram matrices and tensor shapes name different tensors")
+    original = 4 * T * sum(math.prod(s) for s in shapes.values())
+    budget_bytes = int(budget * original) if budget <= 1 else int(budget)
+    if budget <= 0:
+        raise TvbasisError(f"--budget {budget}: must be positive (a fraction of the fp32 task vectors, or bytes)")
+    if noise_weight < 0:
+        raise TvbasisError(f"--noise-weight {noise_weight}: must be 0 or more")
+    specs = [parse_code(c.format(seed=seed)) for c in codes]
+    if not any(s.name == "none" for s in specs):
+        specs.insert(0, CodeSpec("none"))
+    sq_norm = np.where(np.diag(gram) > 0, np.diag(gram), 1.0)
+    if atoms is None:
+        atoms = sorted({0, *(m for m in (1, 2, 4, 8, 16, 32) if m < T), max(T - 1, 0)})
+    best: BudgetPlan | None = None
+    for m in atoms:
+        if not 0 <= m <= T:
+            raise TvbasisError(f"--atoms {m}: must be between 0 and T = {T}")
+        encoder, decoder = _pca(gram, m) if m else (np.zeros((T, 0)), np.zeros((0, T)))
+        overhead = _overhead(T, shapes, m, [str(s) for s in specs])
+        options = _tensor_options(names, shapes, tensor_grams, encoder, decoder, m, specs, sq_norm, noise_weight)
+        plan = _knapsack(options, budget_bytes - overhead)
+        if plan is None:
+            continue
+        candidate = BudgetPlan(m, plan, budget_bytes, original, overhead, noise_weight, list(task_names or range(T)))
+        if best is None or candidate.loss < best.loss:
+            best = candidate
+    if best is None:
+        raise TvbasisError(
+            f"--budget {budget}: {budget_bytes:,} bytes cannot hold even the store's headers and matrices; "
+            f"give a larger budget"
+        )
+    return best
+
+
+def _tensor_options(
+    names: list[str],
+    shapes: Mapping[str, tuple[int, ...]],
+    tensor_grams: Mapping[str, np.ndarray],
+    encoder: np.ndarray,
+    decoder: np.ndarray,
+    m: int,
+    specs: list[CodeSpec],
+    sq_norm: np.ndarray,
+    noise_weight: float,
+) -> list[list[tuple[float, Choice]]]:
+    """Per tensor, every candidate as ``(mean proxy loss, Choice)``."""
+    options = []
+    for n in names:
+        shape = tuple(shapes[n])
+        rows, row_numel = row_view_shape(shape)
+        G_n = tensor_grams[n]
+        energies = {False: np.clip(np.diag(G_n), 0.0, None)}
+        if m:
+            energies[True] = _residual_energy(G_n, encoder, decoder)
+        per_tensor = []
+        for basis, energy in energies.items():
+            basis_bytes = m * atom_bytes(shape, ATOM_DTYPE) if basis else 0
+            for spec in specs:
+                b_rel, v_rel = relative_error(spec, row_numel, rows)
+                bias = b_rel * energy / sq_norm
+                var = v_rel * energy / sq_norm
+                nb = basis_bytes + len(sq_norm) * nbytes(spec, shape)
+                choice = Choice(n, TensorCode(basis, spec), nb, bias, var)
+                per_tensor.append((float((bias + noise_weight * var).mean()), choice))
+        options.append(per_tensor)
+    return options
+
+
+def _knapsack(options: list[list[tuple[float, Choice]]], budget: int) -> list[Choice] | None:
+    """One choice per tensor minimising the summed loss with summed bytes <= ``budget`` (Lagrangian bisection)."""
+    if budget < 0:
+        return None
+
+    def pick(mu: float) -> list[Choice]:
+        return [min(opts, key=lambda o: (o[0] + mu * o[1].nbytes, o[1].nbytes))[1] for opts in options]
+
+    def total(plan: list[Choice]) -> int:
+        return sum(c.nbytes for c in plan)
+
+    cheapest = [min(opts, key=lambda o: (o[1].nbytes, o[0]))[1] for opts in options]
+    if total(cheapest) > budget:
+        return None
+    if total(pick(0.0)) <= budget:
+        return pick(0.0)
+    lo, hi = 0.0, 1.0
+    while total(pick(hi)) > budget:
+        hi *= 4
+        if hi > 1e30:
+            return cheapest
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if total(pick(mid)) > budget:
+            lo = mid
+        else:
+            hi = mid
+    plan = pick(hi)
+    return _fill(plan, options, budget)
+
+
+def _fill(plan: list[Choice], options: list[list[tuple[float, Choice]]], budget: int) -> list[Choice]:
+    """Spend what the multiplier's plan leaves of the budget: upgrade tensors greedily by loss saved per byte."""
+    plan = list(plan)
+    loss = {id(c): lo for opts in options for lo, c in opts}
+    left = budget - sum(c.nbytes for c in plan)
+    while True:
+        best: tuple[float, int, Choice] | None = None
+        for i, opts in enumerate(options):
+            cur = plan[i]
+            for lo, c in opts:
+                extra = c.nbytes - cur.nbytes
+                saved = loss[id(cur)] - lo
+                if saved > 0 and 0 < extra <= left and (best is None or saved / extra > best[0]):
+                    best = (saved / extra, i, c)
+        if best is None:
+            return plan
+        _, i, c = best
+        left -= c.nbytes - plan[i].nbytes
+        plan[i] = c
+
+
+def stats_from_store(
+    path: str | Path,
+) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, tuple[int, ...]], list[str]]:
+    """``(G, {tensor: G_n}, {tensor: shape}, task names)`` of a store built with ``--tensor-stats``."""
+    from tvbasis.store import open_store
+
+    store = open_store(path)
+    grams = store.tensor_grams
+    if grams is None:
+        raise TvbasisError(f"{store.path}: no per-tensor Gram matrices; build it with --tensor-stats to plan a budget")
+    if not np.isfinite(store.gram).all():
+        raise TvbasisError(f"{store.path}: its Gram matrix is incomplete (add-task could not read earlier inputs)")
+    return store.gram, grams, {n: store.shape_of(n) for n in grams}, store.task_names
+
+
+def build_for_budget(
+    base: str | Path,
+    tasks: Sequence[Any],
+    out: str | Path,
+    budget: float,
+    *,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    stats_store: str | Path | None = None,
+    seed: int = 0,
+    noise_weight: float = DEFAULT_NOISE_WEIGHT,
+    atoms: Sequence[int] | None = None,
+    codes: Sequence[str] = DEFAULT_CODES,
+    chunk_elements: int | None = None,
+    overwrite: bool = False,
+    engine: Any = None,
+) -> Any:
+    """Plan every tensor's code for ``budget`` and build that store (int8 atoms, coded residuals).
+
+    The statistics come from ``stats_store`` (a store of the same inputs built with
+    ``--tensor-stats``; its content hashes are checked while building) or from a Gram pass
+    gathering them; then the atom and residual passes write the store. If the store comes out
+    above the budget (the fixed overhead is an estimate), it is planned and built once more with
+    the excess taken off.
+    """
+    from tvbasis.build import build_store
+    from tvbasis.engine.streaming import DEFAULT_CHUNK_ELEMENTS, GramStats, LocalEngine
+    from tvbasis.io.outputs import check_output_path
+    from tvbasis.methods import PCA
+    from tvbasis.store import open_store
+    from tvbasis.tasks import TaskVectorSet
+
+    out = Path(out)
+    check_output_path(out, overwrite)
+    chunk_elements = chunk_elements or DEFAULT_CHUNK_ELEMENTS
+    tvs = TaskVectorSet(base, tasks, include, exclude)
+    layout = {i.name: tuple(i.shape) for i in tvs.tensors}
+    if stats_store is not None:
+        source = open_store(stats_store)
+        gram, grams, shapes, names = stats_from_store(stats_store)
+        if shapes != layout or names != tvs.task_names:
+            raise TvbasisError(
+                f"{source.path}: its tasks or tensors differ from this build's; plan from a store of the same inputs"
+            )
+        stats = GramStats(
+            gram,
+            source.manifest["base"]["content_hash"],
+            [t["content_hash"] for t in source.manifest["tasks"]],
+            grams,
+        )
+    else:
+        stats = (engine or LocalEngine()).gram_pass(tvs, chunk_elements, tensor_stats=True)
+        assert stats.tensor_grams is not None
+        gram, grams = stats.gram, stats.tensor_grams
+    original = 4 * tvs.n_tasks * tvs.dim
+    target = budget * original if budget <= 1 else budget
+    store = None
+    for _ in range(2):
+        plan = plan_budget(
+            gram,
+            grams,
+            layout,
+            target,
+            task_names=tvs.task_names,
+            atoms=atoms,
+            codes=codes,
+            seed=seed,
+            noise_weight=noise_weight,
+        )
+        store = build_store(
+            base,
+            tasks,
+            PCA(plan.n_atoms),
+            out,
+            include=include,
+            exclude=exclude,
+            dtype=ATOM_DTYPE,
+            chunk_elements=chunk_elements,
+            overwrite=True if store is not None else overwrite,
+            known=stats,
+            engine=engine,
+            codes=plan.codes,
+            plan_report={k: v for k, v in plan.summary().items() if k != "tensors"},
+        )
+        excess = store.manifest["bytes"]["total"] - (budget * original if budget <= 1 else budget)
+        if excess <= 0:
+            break
+        target -= excess
+    assert store is not None
+    return store

@@ -1,0 +1,146 @@
+"""Planning every tensor's code for a byte budget (``plan --budget``, ``build --budget``)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import common
+from common import tree_digest, write_family
+from tvbasis.build import build_store
+from tvbasis.cli import app
+from tvbasis.codes import CodeSpec, parse_code
+from tvbasis.errors import TvbasisError
+from tvbasis.methods import make_method
+from tvbasis.planning.budget import build_for_budget, plan_budget, relative_error, stats_from_store
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+EXCLUDE = ["head.*"]
+runner = CliRunner()
+# larger matrices than common.SHAPES, so payloads outweigh headers as in real models
+SHAPES = {**common.SHAPES, "big.weight": (256, 128), "big2.weight": (192, 160)}
+
+
+def _family(root: Path, rank: int | None, seed: int = 0):
+    old = dict(common.SHAPES)
+    common.SHAPES.update(SHAPES)
+    try:
+        return write_family(root, T=6, rank=rank, seed=seed)
+    finally:
+        common.SHAPES.clear()
+        common.SHAPES.update(old)
+
+
+@pytest.fixture(scope="module")
+def correlated(tmp_path_factory: pytest.TempPathFactory):
+    fam = _family(tmp_path_factory.mktemp("corr"), rank=2)
+    stats = tmp_path_factory.mktemp("stats") / "s"
+    build_store(fam.base, fam.tasks, make_method("pca", 1), stats, exclude=EXCLUDE, tensor_stats=True)
+    return fam, stats
+
+
+def test_calibration_of_codes() -> None:
+    assert relative_error(CodeSpec("none"), 64, 8) == (1.0, 0.0)
+    bias8, var8 = relative_error(parse_code("int8"), 64, 8)
+    bias4, _ = relative_error(parse_code("int4"), 64, 8)
+    assert var8 == 0 and 0 < bias8 < bias4 < 0.05
+    bias, var = relative_error(parse_code("keep:0.25:int8:seed=0"), 64, 8)
+    assert bias == pytest.approx(bias8, rel=1e-9) and var == pytest.approx(3.0, rel=0.01)  # (1/p - 1) ||Q(x)||^2
+
+
+def test_plan_fits_the_budget_and_more_bytes_lose_less(correlated) -> None:
+    gram, grams, shapes, names = stats_from_store(correlated[1])
+    losses = []
+    for budget in (0.05, 0.1, 0.2, 0.4):
+        plan = plan_budget(gram, grams, shapes, budget, task_names=names)
+        assert plan.nbytes <= budget * plan.original_bytes
+        losses.append(plan.loss)
+        assert len(plan.choices) == len(shapes)
+    assert all(a >= b for a, b in itertools.pairwise(losses))
+    assert losses[-1] < losses[0]
+    with pytest.raises(TvbasisError, match="cannot hold even"):
+        plan_budget(gram, grams, shapes, 1e-4)
+
+
+def test_a_shared_basis_wins_on_correlated_tasks(correlated, tmp_path: Path) -> None:
+    gram, grams, shapes, names = stats_from_store(correlated[1])
+    plan = plan_budget(gram, grams, shapes, 0.2, task_names=names)
+    assert plan.n_atoms >= 2  # two shared directions explain the tasks
+    uncorrelated = _family(tmp_path / "unc", rank=None, seed=3)
+    build_store(
+        uncorrelated.base, uncorrelated.tasks, make_method("pca", 1), tmp_path / "u", exclude=EXCLUDE, tensor_stats=True
+    )
+    gram, grams, shapes, names = stats_from_store(tmp_path / "u")
+    loose = plan_budget(gram, grams, shapes, 0.2, task_names=names)
+    assert loose.n_atoms <= 1  # nothing is shared: atoms would only cost bytes
+
+
+def test_estimates_match_the_built_store(correlated, tmp_path: Path) -> None:
+    """With no residual code the estimate is exact (residual energies from G_n) up to the atoms' int8 rounding."""
+    fam, stats = correlated
+    gram, grams, shapes, names = stats_from_store(stats)
+    plan = plan_budget(gram, grams, shapes, 1.0, task_names=names, atoms=[2], codes=("none",))
+    assert plan.n_atoms == 2 and all(c.code.basis for c in plan.choices)
+    store = build_for_budget(fam.base, fam.tasks, tmp_path / "b", 1.0, exclude=EXCLUDE, atoms=[2], codes=("none",))
+    measured = np.array([t["rel_error"] ** 2 for t in store.manifest["tasks"]])
+    np.testing.assert_allclose(measured, plan.task_bias(), rtol=0.02, atol=1e-4)
+
+
+def test_build_for_budget_stays_within_it(correlated, tmp_path: Path) -> None:
+    fam, stats = correlated
+    before = tree_digest(fam.base.parent)
+    for budget in (0.08, 0.25):
+        path = tmp_path / f"b{budget}"
+        store = build_for_budget(fam.base, fam.tasks, path, budget, exclude=EXCLUDE, stats_store=stats)
+        assert store.manifest["bytes"]["ratio"] <= budget
+        assert store.manifest["residuals"]
+        # the realised squared error is the estimated bias plus variance (Gaussian rows here)
+        measured = np.mean([t["rel_error"] ** 2 for t in store.manifest["tasks"]])
+        est = store.manifest["budget_plan"]["tasks"]
+        expected = np.mean([t["bias"] + t["variance"] for t in est.values()])
+        assert measured == pytest.approx(expected, rel=0.25)
+    assert tree_digest(fam.base.parent) == before
+
+
+def test_plan_from_a_store_of_other_inputs_is_refused(correlated, tmp_path: Path) -> None:
+    fam, stats = correlated
+    with pytest.raises(TvbasisError, match="differ from this build"):
+        build_for_budget(fam.base, fam.tasks[:4], tmp_path / "x", 0.2, exclude=EXCLUDE, stats_store=stats)
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_plan_and_build_budget(correlated, tmp_path: Path) -> None:
+    fam, stats = correlated
+    res = runner.invoke(app, ["plan", str(stats), "--budget", "0.1", "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output)
+    assert summary["estimated_bytes"] <= summary["budget_bytes"] and set(summary["tasks"]) == {
+        t.name for t in fam.tasks
+    }
+    res = runner.invoke(app, ["plan", str(stats), "--budget", "0.1"])
+    assert res.exit_code == 0 and "est. loss" in res.output
+    tasks = [a for t in fam.tasks for a in ("--task", f"{t.name}={t.path}")]
+    args = ["build", "--base", str(fam.base), *tasks, "--exclude", "head.*", "--budget", "0.1"]
+    res = runner.invoke(app, [*args, "--out", str(tmp_path / "s"), "--plan-from", str(stats), "-q"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(runner.invoke(app, ["info", str(tmp_path / "s"), "--json"]).output)
+    assert info["bytes"]["ratio"] <= 0.1 and info["codes"]
+    res = runner.invoke(app, [*args, "-M", "2", "--out", str(tmp_path / "bad")])
+    assert res.exit_code == 2 and "-M does not apply with --budget" in res.output
+    plain = tmp_path / "plain"
+    build_store(fam.base, fam.tasks, make_method("pca", 1), plain, exclude=EXCLUDE)
+    res = runner.invoke(app, ["plan", str(plain), "--budget", "0.1"])
+    assert res.exit_code == 2 and "--tensor-stats" in res.output
+    assert not (tmp_path / "bad").exists()
+
+
+def test_gaussian_rows_are_not_special() -> None:
+    """The calibration is deterministic: the same figures on every call."""
+    a = relative_error.__wrapped__(parse_code("lloydmax2"), 48, 5)
+    b = relative_error.__wrapped__(parse_code("lloydmax2"), 48, 5)
+    assert a == b and 0.05 < a[0] < 0.2
