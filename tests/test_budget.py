@@ -84,9 +84,11 @@ def test_estimates_match_the_built_store(correlated, tmp_path: Path) -> None:
     """With no residual code the estimate is exact (residual energies from G_n) up to the atoms' int8 rounding."""
     fam, stats = correlated
     gram, grams, shapes, names = stats_from_store(stats)
-    plan = plan_budget(gram, grams, shapes, 1.0, task_names=names, atoms=[2], codes=("none",))
+    plan = plan_budget(gram, grams, shapes, 1.0, task_names=names, atoms=[2], codes=("none",), tensor_atoms=())
     assert plan.n_atoms == 2 and all(c.code.basis for c in plan.choices)
-    store = build_for_budget(fam.base, fam.tasks, tmp_path / "b", 1.0, exclude=EXCLUDE, atoms=[2], codes=("none",))
+    store = build_for_budget(
+        fam.base, fam.tasks, tmp_path / "b", 1.0, exclude=EXCLUDE, atoms=[2], codes=("none",), tensor_atoms=()
+    )
     measured = np.array([t["rel_error"] ** 2 for t in store.manifest["tasks"]])
     np.testing.assert_allclose(measured, plan.task_bias(), rtol=0.02, atol=1e-4)
 
@@ -144,3 +146,18 @@ def test_gaussian_rows_are_not_special() -> None:
     a = relative_error.__wrapped__(parse_code("lloydmax2"), 48, 5)
     b = relative_error.__wrapped__(parse_code("lloydmax2"), 48, 5)
     assert a == b and 0.05 < a[0] < 0.2
+
+
+def test_per_tensor_bases_are_planned_and_estimated_exactly(correlated, tmp_path: Path) -> None:
+    fam, stats = correlated
+    gram, grams, shapes, names = stats_from_store(stats)
+    plan = plan_budget(gram, grams, shapes, 1.0, task_names=names, atoms=[0], codes=("none",), tensor_atoms=[2])
+    assert plan.n_atoms == 0 and all(c.code.tensor_atoms == 2 for c in plan.choices if len(shapes[c.tensor]) == 2)
+    store = build_for_budget(
+        fam.base, fam.tasks, tmp_path / "own", 1.0, exclude=EXCLUDE, atoms=[0], codes=("none",), tensor_atoms=[2]
+    )
+    assert store.residuals is not None and store.residuals.tensor_bases_file
+    measured = np.array([t["rel_error"] ** 2 for t in store.manifest["tasks"]])
+    np.testing.assert_allclose(measured, plan.task_bias(), rtol=0.02, atol=1e-4)
+    mixed = plan_budget(gram, grams, shapes, 0.2, task_names=names)
+    assert any(c.code.basis or c.code.tensor_atoms for c in mixed.choices)

@@ -208,3 +208,45 @@ def test_cli_build_info_reconstruct(family, tmp_path: Path) -> None:
     assert tree_digest(family.base.parent) == before
     store = open_store(tmp_path / "s")
     assert store.n_atoms == 0 and store.manifest["atoms"]["vectors"] == []
+
+
+def test_per_tensor_bases(family, tmp_path: Path) -> None:
+    """A tensor's own PCA basis: with m = T atoms and exact residuals it reconstructs; with fewer
+    atoms and no residual its error is that tensor's PCA tail (int8 atoms aside)."""
+    V = dense(family)
+    names = layout(family)
+    own = CodePlan(default=TensorCode(False, parse_code("fp32"), tensor_atoms=2))
+    store = build(family, tmp_path, 0, own, "own-exact", chunk_elements=7)
+    np.testing.assert_allclose(task_matrix(store, np.eye(5)), V, atol=1e-6 * np.abs(V).max())
+    assert store.manifest["residuals"]["tensor_bases"] == "residuals/tensor-bases.safetensors"
+    assert str(store.residuals.codes[names[0]]) == "tensor basis M=2 + fp32"
+
+    plan = CodePlan(
+        tensors={"embed.weight": TensorCode(False, parse_code("none"), tensor_atoms=2)},
+        default=TensorCode(True, parse_code("none")),
+    )
+    store = build(family, tmp_path, 1, plan, "own-embed")
+    hat = task_matrix(store, np.eye(5))
+    numel = int(np.prod(store.shape_of("embed.weight")))
+    X = V[:numel]  # embed.weight is first in the layout
+    U, sv, Vt = np.linalg.svd(X, full_matrices=False)
+    best = U[:, :2] * sv[:2] @ Vt[:2]
+    np.testing.assert_allclose(hat[:numel], best, atol=0.02 * np.abs(X).max())  # int8 atoms
+    a = np.array([1.0, 0.0, -2.0, 0.0, 0.5])
+    np.testing.assert_allclose(task_matrix(store, a[None])[:, 0], hat @ a, atol=1e-12)
+    with pytest.raises(TvbasisError, match="not both"):
+        TensorCode(True, parse_code("none"), tensor_atoms=2)
+
+
+def test_cli_tensor_atoms(family, tmp_path: Path) -> None:
+    tasks = [a for t in family.tasks for a in ("--task", f"{t.name}={t.path}")]
+    args = ["build", "--base", str(family.base), *tasks, "--method", "pca", "--exclude", "head.*", "-q"]
+    res = runner.invoke(
+        app, [*args, "-M", "0", "--residual", "int8", "--tensor-atoms", "2", "--out", str(tmp_path / "s")]
+    )
+    assert res.exit_code == 0, res.output
+    assert "tensor basis M=2 + int8" in open_store(tmp_path / "s").summary()["codes"]
+    res = runner.invoke(
+        app, [*args, "-M", "1", "--residual", "int8", "--tensor-atoms", "2", "--out", str(tmp_path / "b")]
+    )
+    assert res.exit_code == 2 and "needs -M 0" in res.output and not (tmp_path / "b").exists()

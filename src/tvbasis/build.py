@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -19,7 +20,7 @@ from tvbasis.errors import TvbasisError
 from tvbasis.io.checkpoint import Checkpoint
 from tvbasis.io.hashing import CONTENT_HASH, ContentHash
 from tvbasis.io.outputs import atomic_output, check_output_path
-from tvbasis.methods import BasisMethod
+from tvbasis.methods import PCA, BasisMethod
 from tvbasis.methods.base import least_squares_decoder
 from tvbasis.store.atoms import AtomWriter
 from tvbasis.store.format import (
@@ -128,7 +129,9 @@ def build_store(
 
     hashers = None
     # Known statistics replace the Gram pass only if they hold all that this build saves.
-    known_enough = known is not None and (not tensor_stats or known.tensor_grams is not None)
+    # Per-tensor bases are fitted on the per-tensor Gram matrices, so the pass gathers them too.
+    need_grams = tensor_stats or (codes is not None and codes.tensor_bases)
+    known_enough = known is not None and (not need_grams or known.tensor_grams is not None)
     if known is not None and known_enough and not method.observes and method.stores_atoms:
         if known.gram.shape != (tvs.n_tasks, tvs.n_tasks):
             raise TvbasisError(f"known Gram matrix is {known.gram.shape}, there are {tvs.n_tasks} tasks")
@@ -137,7 +140,7 @@ def build_store(
     else:
         observe = method.observe if method.observes else None
         # the keyword only when asked: engines written before it keep working
-        extra = {"tensor_stats": True} if tensor_stats else {}
+        extra = {"tensor_stats": True} if need_grams else {}
         stats = engine.gram_pass(tvs, chunk_elements, observe=observe, **extra)
     method.fit(stats.gram)
 
@@ -220,7 +223,7 @@ def _tensor_codes(codes: CodePlan | None, method: BasisMethod, names: list[str])
             raise TvbasisError(
                 f"--method {method.name}: its atoms are not stored, so residual codes cannot follow them"
             )
-        tensor_codes = {n: TensorCode(False, tc.residual) for n, tc in tensor_codes.items()}
+        tensor_codes = {n: dataclasses.replace(tc, basis=False) for n, tc in tensor_codes.items()}
     return tensor_codes
 
 
@@ -243,8 +246,15 @@ def _write_residuals(
     partial = Store(path=tmp, manifest=manifest, matrices=matrices, method=method)
     decoder = torch.from_numpy(np.ascontiguousarray(matrices["decoder"]))
     hashers = [ContentHash() for _ in range(tvs.n_tasks + 1)] if stats.task_hashes else None
+    bases = {}
+    for name, tc in tensor_codes.items():
+        if tc.tensor_atoms:
+            assert stats.tensor_grams is not None
+            bases[name] = PCA(tc.tensor_atoms).fit(stats.tensor_grams[name]).encoder_
     try:
-        errors = residual_pass(tvs, lambda chunk: partial.vector_rows(chunk) @ decoder, writer, chunk_elements, hashers)
+        errors = residual_pass(
+            tvs, lambda chunk: partial.vector_rows(chunk) @ decoder, writer, chunk_elements, hashers, bases
+        )
     finally:
         writer.close()
     if hashers is not None:

@@ -163,6 +163,10 @@ def build(
             "(int8, int4, keep:0.0625:int4:seed=0, ...; see docs/codes.md). -M 0 codes the task vectors alone.",
         ),
     ] = None,
+    tensor_atoms: Annotated[
+        int | None,
+        typer.Option(help="[--residual, with -M 0] give every tensor its own PCA basis of this many atoms (int8)."),
+    ] = None,
     budget: Annotated[
         float | None,
         typer.Option(
@@ -208,7 +212,13 @@ def build(
                 exclude or rec.exclude,
                 chunk_elements,
                 overwrite,
-                given=[(method, "--method"), (n_atoms, "-M"), (residual, "--residual"), (dtype, "--dtype")],
+                given=[
+                    (method, "--method"),
+                    (n_atoms, "-M"),
+                    (residual, "--residual"),
+                    (dtype, "--dtype"),
+                    (tensor_atoms, "--tensor-atoms"),
+                ],
             )
             if not quiet:
                 _print_info(store.summary())
@@ -246,12 +256,20 @@ def build(
         est = make_method(method_name, m, **settings)
         code_plan = None
         if residual is not None:
-            from tvbasis.store.residuals import uniform_plan
+            from tvbasis.codes import parse_code
+            from tvbasis.store.residuals import CodePlan, TensorCode
 
             try:
-                code_plan = uniform_plan(residual)
+                spec = parse_code(residual)
             except TvbasisError as exc:
                 raise TvbasisError(f"--residual: {exc}") from None
+            if tensor_atoms is not None and (m != 0 or not 1 <= tensor_atoms < len(sources)):
+                raise TvbasisError(
+                    f"--tensor-atoms {tensor_atoms}: needs -M 0 (no global basis) and 1 <= atoms < T = {len(sources)}"
+                )
+            code_plan = CodePlan(default=TensorCode(tensor_atoms is None, spec, tensor_atoms or 0))
+        elif tensor_atoms is not None:
+            raise TvbasisError("--tensor-atoms applies with --residual only")
         runner = _engine(engine, scheduler, workers, trust_scheduler)
         try:
             store = build_store(

@@ -21,7 +21,7 @@ from tvbasis.codes import TensorKey, decode, encode
 from tvbasis.engine.streaming import _hash_rows
 from tvbasis.io.hashing import ContentHash
 from tvbasis.progress import progress
-from tvbasis.store.residuals import ResidualWriter, TensorCode, whole_tensor
+from tvbasis.store.residuals import TENSOR_ATOM_CODE, ResidualWriter, TensorCode, whole_tensor
 from tvbasis.tasks.taskvectors import Chunk, TaskVectorSet, plan_chunks
 
 #: ``chunk -> (numel, T)`` float64: the basis' reconstruction of every task on the chunk.
@@ -66,11 +66,14 @@ def residual_pass(
     writer: ResidualWriter,
     chunk_elements: int,
     hashers: list[ContentHash] | None = None,
+    tensor_bases: dict[str, np.ndarray] | None = None,
 ) -> TaskErrors:
     """Code every task's residual into ``writer`` and return the tasks' errors through the store.
 
     ``hashers`` (base first, then each task) are fed the inputs' bytes, so the caller can check
-    that they did not change since the Gram pass."""
+    that they did not change since the Gram pass. ``tensor_bases`` holds, for each tensor with a
+    basis of its own, its orthonormal PCA encoder ``B_n`` (T, m): its atoms ``X_n B_n`` are coded
+    (``TENSOR_ATOM_CODE``) and written, and its reconstruction is ``S_n B_n^T``."""
     T = tvs.n_tasks
     sums = TaskErrors(*(np.zeros(T) for _ in range(4)))
     names = tvs.task_names
@@ -81,7 +84,10 @@ def residual_pass(
             rows = tvs.read_rows(chunk)
             _hash_rows(hashers, chunk, rows)
             X = tvs.task_rows(rows)  # (numel, T) float64
-            base = basis_rows(chunk) if tc.basis else torch.zeros_like(X)
+            if tc.tensor_atoms:
+                base = _tensor_basis(chunk, X, tensor_bases, writer, shape)
+            else:
+                base = basis_rows(chunk) if tc.basis else torch.zeros_like(X)
             R = X - base
             whole = whole_tensor(tc.residual, shape)
             block_shape = shape if whole else (chunk.stop - chunk.start, *shape[1:])
@@ -98,3 +104,28 @@ def residual_pass(
             sums.hat_sq += (hat * hat).sum(0).numpy()
             bar.update(chunk.numel * (T + 1))
     return sums
+
+
+def _tensor_basis(
+    chunk: Chunk,
+    X: torch.Tensor,
+    tensor_bases: dict[str, np.ndarray] | None,
+    writer: ResidualWriter,
+    shape: tuple[int, ...],
+) -> torch.Tensor:
+    """Code and write the chunk's rows of a per-tensor basis' atoms; return its reconstruction ``(numel, T)``."""
+    assert tensor_bases is not None and chunk.tensor in tensor_bases, f"no basis fitted for {chunk.tensor}"
+    B = torch.from_numpy(np.ascontiguousarray(tensor_bases[chunk.tensor]))  # (T, m)
+    if chunk.start == 0:
+        writer.write_coefficients(chunk.tensor, B.T.contiguous())
+    S = X @ B
+    whole = whole_tensor(TENSOR_ATOM_CODE, shape)
+    block_shape = shape if whole else (chunk.stop - chunk.start, *shape[1:])
+    stored = torch.empty_like(S)
+    for j in range(S.shape[1]):
+        enc = encode(
+            TENSOR_ATOM_CODE, S[:, j].reshape(block_shape), TensorKey(chunk.tensor, "", 0 if whole else chunk.start)
+        )
+        writer.write_atom(j, enc, chunk.start, whole)
+        stored[:, j] = decode(enc).reshape(-1)
+    return stored @ B.T

@@ -39,7 +39,7 @@ from tvbasis.codes.core import row_view_shape
 from tvbasis.errors import TvbasisError
 from tvbasis.io.writer import TensorSpec, safetensors_header
 from tvbasis.planning.estimates import atom_bytes, coefficient_bytes
-from tvbasis.store.residuals import CodePlan, TensorCode, payload_parts
+from tvbasis.store.residuals import TENSOR_ATOM_CODE, CodePlan, TensorCode, payload_parts
 
 #: Residual codes the planner tries on every tensor; ``{seed}`` is the build's seed.
 DEFAULT_CODES: tuple[str, ...] = (
@@ -65,6 +65,8 @@ ATOM_DTYPE = "int8"
 FIXED_OVERHEAD = 16 * 1024
 MANIFEST_BYTES_PER_TENSOR = 400
 _CALIBRATION_ROWS = 64
+#: Header bytes of one per-tensor atom (two parts) and its share of the coefficients' entry.
+TENSOR_ATOM_HEADER = 256
 
 
 @lru_cache(maxsize=4096)
@@ -202,9 +204,12 @@ def plan_budget(
     codes: Sequence[str] = DEFAULT_CODES,
     seed: int = 0,
     noise_weight: float = DEFAULT_NOISE_WEIGHT,
+    tensor_atoms: Sequence[int] | None = None,
 ) -> BudgetPlan:
     """The plan with the least estimated proxy loss within ``budget`` (a fraction of the T fp32
-    task vectors' bytes if <= 1, else bytes), over M in ``atoms`` (default 0, 1, 2, 4 ... T - 1)."""
+    task vectors' bytes if <= 1, else bytes), over M in ``atoms`` (default 0, 1, 2, 4 ... T - 1)
+    for the global basis, and per tensor over its own bases of ``tensor_atoms`` atoms (default
+    the same sizes but 0; a tensor with its own basis is not covered by the global one)."""
     T = gram.shape[0]
     names = list(tensor_grams)
     if set(names) != set(shapes):
@@ -221,13 +226,17 @@ def plan_budget(
     sq_norm = np.where(np.diag(gram) > 0, np.diag(gram), 1.0)
     if atoms is None:
         atoms = sorted({0, *(m for m in (1, 2, 4, 8, 16, 32) if m < T), max(T - 1, 0)})
+    if tensor_atoms is None:
+        tensor_atoms = [m for m in atoms if m > 0]
     best: BudgetPlan | None = None
     for m in atoms:
         if not 0 <= m <= T:
             raise TvbasisError(f"--atoms {m}: must be between 0 and T = {T}")
         encoder, decoder = _pca(gram, m) if m else (np.zeros((T, 0)), np.zeros((0, T)))
         overhead = _overhead(T, shapes, m, [str(s) for s in specs])
-        options = _tensor_options(names, shapes, tensor_grams, encoder, decoder, m, specs, sq_norm, noise_weight)
+        options = _tensor_options(
+            names, shapes, tensor_grams, encoder, decoder, m, specs, sq_norm, noise_weight, tensor_atoms
+        )
         plan = _knapsack(options, budget_bytes - overhead)
         if plan is None:
             continue
@@ -252,6 +261,7 @@ def _tensor_options(
     specs: list[CodeSpec],
     sq_norm: np.ndarray,
     noise_weight: float,
+    tensor_atoms: Sequence[int] = (),
 ) -> list[list[tuple[float, Choice]]]:
     """Per tensor, every candidate as ``(mean proxy loss, Choice)``."""
     options = []
@@ -259,18 +269,24 @@ def _tensor_options(
         shape = tuple(shapes[n])
         rows, row_numel = row_view_shape(shape)
         G_n = tensor_grams[n]
-        energies = {False: np.clip(np.diag(G_n), 0.0, None)}
+        T = len(sq_norm)
+        # (global basis?, own atoms) -> (residual energy per task, bytes of the basis part)
+        bases: dict[tuple[bool, int], tuple[np.ndarray, int]] = {(False, 0): (np.clip(np.diag(G_n), 0.0, None), 0)}
         if m:
-            energies[True] = _residual_energy(G_n, encoder, decoder)
+            bases[(True, 0)] = (_residual_energy(G_n, encoder, decoder), m * atom_bytes(shape, ATOM_DTYPE))
+        for own in tensor_atoms:
+            if own < T:
+                B_n, W_n = _pca(G_n, own)
+                own_bytes = own * (nbytes(TENSOR_ATOM_CODE, shape) + 8 * T + TENSOR_ATOM_HEADER)
+                bases[(False, own)] = (_residual_energy(G_n, B_n, W_n), own_bytes)
         per_tensor = []
-        for basis, energy in energies.items():
-            basis_bytes = m * atom_bytes(shape, ATOM_DTYPE) if basis else 0
+        for (basis, own), (energy, basis_bytes) in bases.items():
             for spec in specs:
                 b_rel, v_rel = relative_error(spec, row_numel, rows)
                 bias = b_rel * energy / sq_norm
                 var = v_rel * energy / sq_norm
-                nb = basis_bytes + len(sq_norm) * nbytes(spec, shape)
-                choice = Choice(n, TensorCode(basis, spec), nb, bias, var)
+                nb = basis_bytes + T * nbytes(spec, shape)
+                choice = Choice(n, TensorCode(basis, spec, own), nb, bias, var)
                 per_tensor.append((float((bias + noise_weight * var).mean()), choice))
         options.append(per_tensor)
     return options
@@ -356,6 +372,7 @@ def build_for_budget(
     noise_weight: float = DEFAULT_NOISE_WEIGHT,
     atoms: Sequence[int] | None = None,
     codes: Sequence[str] = DEFAULT_CODES,
+    tensor_atoms: Sequence[int] | None = None,
     chunk_elements: int | None = None,
     overwrite: bool = False,
     engine: Any = None,
@@ -411,6 +428,7 @@ def build_for_budget(
             codes=codes,
             seed=seed,
             noise_weight=noise_weight,
+            tensor_atoms=tensor_atoms,
         )
         store = build_store(
             base,

@@ -37,20 +37,41 @@ NO_CODE = CodeSpec("none")
 
 @dataclass(frozen=True)
 class TensorCode:
-    """How one tensor is stored: whether the global basis covers it, and its residuals' code."""
+    """How one tensor is stored: the global basis covers it (``basis``), or a basis of its own with
+    ``tensor_atoms`` atoms (its PCA, from ``G_n``), or neither; and its residuals' code."""
 
     basis: bool = True
     residual: CodeSpec = NO_CODE
+    tensor_atoms: int = 0
+
+    def __post_init__(self) -> None:
+        if self.tensor_atoms < 0 or (self.basis and self.tensor_atoms):
+            raise TvbasisError(f"{self}: a tensor is covered by the global basis or by its own, not both")
 
     def to_json(self) -> dict[str, Any]:
-        return {"basis": self.basis, "residual": str(self.residual)}
+        extra = {"tensor_atoms": self.tensor_atoms} if self.tensor_atoms else {}
+        return {"basis": self.basis, **extra, "residual": str(self.residual)}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> TensorCode:
-        return cls(bool(data["basis"]), parse_code(str(data["residual"])))
+        return cls(bool(data["basis"]), parse_code(str(data["residual"])), int(data.get("tensor_atoms", 0)))
 
     def __str__(self) -> str:
-        return ("basis + " if self.basis else "") + str(self.residual)
+        head = "basis + " if self.basis else f"tensor basis M={self.tensor_atoms} + " if self.tensor_atoms else ""
+        return head + str(self.residual)
+
+
+#: Code of a per-tensor basis' atoms (their rounding is corrected by the residual like the global atoms').
+TENSOR_ATOM_CODE = CodeSpec("int8")
+TENSOR_BASES = f"{RESIDUALS_DIR}/tensor-bases.safetensors"
+
+
+def tensor_atom_key(tensor: str, j: int, part: str) -> str:
+    return f"{tensor}/atom-{j:03d}/{part}"
+
+
+def coefficients_key(tensor: str) -> str:
+    return f"{tensor}/coefficients"
 
 
 @dataclass(frozen=True)
@@ -74,6 +95,11 @@ class CodePlan:
     def trivial(self) -> bool:
         """Nothing to code: the basis covers every tensor and no residual is stored."""
         return all(tc.basis and tc.residual.name == "none" for tc in (*self.tensors.values(), self.default))
+
+    @property
+    def tensor_bases(self) -> bool:
+        """Whether some tensor has a basis of its own (the build needs per-tensor Gram matrices)."""
+        return any(tc.tensor_atoms for tc in (*self.tensors.values(), self.default))
 
 
 def uniform_plan(residual: str | CodeSpec, basis: bool = True) -> CodePlan:
@@ -136,10 +162,16 @@ class ResidualWriter:
     shapes: dict[str, tuple[int, ...]]
     task_names: list[str]
     _writers: list[RowWriter] = field(default_factory=list, init=False, repr=False)
+    _bases: RowWriter | None = field(default=None, init=False, repr=False)
 
     @cached_property
     def parts(self) -> dict[str, list[PayloadPart]]:
         return {n: payload_parts(tc.residual, self.shapes[n]) for n, tc in self.codes.items()}
+
+    @cached_property
+    def atom_parts(self) -> dict[str, list[PayloadPart]]:
+        """The payload parts of one per-tensor atom, for tensors with a basis of their own."""
+        return {n: payload_parts(TENSOR_ATOM_CODE, self.shapes[n]) for n, tc in self.codes.items() if tc.tensor_atoms}
 
     def create(self) -> None:
         (self.directory / RESIDUALS_DIR).mkdir(parents=True, exist_ok=True)
@@ -148,28 +180,59 @@ class ResidualWriter:
             self._writers.append(
                 RowWriter(self.directory / task_file(t), specs, {"tvbasis_residual_task": task}, create=True)
             )
+        if self.atom_parts:
+            T = len(self.task_names)
+            specs = []
+            for n, parts in self.atom_parts.items():
+                m = self.codes[n].tensor_atoms
+                specs += [TensorSpec(tensor_atom_key(n, j, p.name), p.shape, p.dtype) for j in range(m) for p in parts]
+                specs.append(TensorSpec(coefficients_key(n), (m, T), torch.float64))
+            self._bases = RowWriter(self.directory / TENSOR_BASES, specs, {"tvbasis": "tensor-bases"}, create=True)
+
+    def write_atom(self, j: int, enc: Encoded, first_row: int, whole: bool) -> None:
+        """Write atom ``j`` of a per-tensor basis (a coded block, as ``write``)."""
+        self._write_parts(self._bases, self.atom_parts[enc.key.tensor], enc, first_row, whole, j)
+
+    def write_coefficients(self, tensor: str, coefficients: torch.Tensor) -> None:
+        self._bases.write_rows(coefficients_key(tensor), 0, coefficients.to(torch.float64))
 
     def write(self, t: int, enc: Encoded, first_row: int, whole: bool) -> None:
         """Write task ``t``'s coded block (rows from ``first_row``; ``whole``: the block is the whole tensor)."""
-        w = self._writers[t]
-        for p in self.parts[enc.key.tensor]:
+        self._write_parts(self._writers[t], self.parts[enc.key.tensor], enc, first_row, whole)
+
+    @staticmethod
+    def _write_parts(
+        w: RowWriter, parts: list[PayloadPart], enc: Encoded, first_row: int, whole: bool, atom: int | None = None
+    ) -> None:
+        for p in parts:
+            name = part_key(enc.key.tensor, p.name) if atom is None else tensor_atom_key(enc.key.tensor, atom, p.name)
             value = enc.payload[p.name]
             if p.per_row and not whole:
-                w.write_rows(part_key(enc.key.tensor, p.name), first_row, value)
+                w.write_rows(name, first_row, value)
             elif p.per_row or first_row == 0:  # a whole part is written once, with the first block
-                w.write_rows(part_key(enc.key.tensor, p.name), 0, value)
+                w.write_rows(name, 0, value)
 
     def close(self) -> None:
         for w in self._writers:
             w.close()
         self._writers = []
+        if getattr(self, "_bases", None) is not None:
+            self._bases.close()
+            self._bases = None
 
     def manifest_entry(self) -> dict[str, Any]:
+        T = len(self.task_names)
+        basis_bytes = sum(
+            tc.tensor_atoms * (nbytes(TENSOR_ATOM_CODE, self.shapes[n]) + 8 * T)
+            for n, tc in self.codes.items()
+            if tc.tensor_atoms
+        )
         return {
             "dir": RESIDUALS_DIR,
             "tensors": {n: tc.to_json() for n, tc in self.codes.items()},
-            "files": [task_file(t) for t in range(len(self.task_names))],
-            "payload_bytes": residual_nbytes(self.codes, self.shapes, len(self.task_names)),
+            "files": [task_file(t) for t in range(T)],
+            **({"tensor_bases": TENSOR_BASES} if self.atom_parts else {}),
+            "payload_bytes": residual_nbytes(self.codes, self.shapes, T) + basis_bytes,
         }
 
 
@@ -182,6 +245,7 @@ class ResidualReader:
         self.shapes = dict(shapes)
         self.task_names = tasks
         self.files = [path / f for f in entry["files"]]
+        self.tensor_bases_file: str | None = entry.get("tensor_bases")
         self._readers: list[Checkpoint] | None = None
         # Tensor-wide codes decode the whole tensor once; the current tensor's decodings are kept.
         self._whole: dict[tuple[str, int], torch.Tensor] = {}
@@ -189,6 +253,40 @@ class ResidualReader:
     @cached_property
     def parts(self) -> dict[str, list[PayloadPart]]:
         return {n: payload_parts(tc.residual, self.shapes[n]) for n, tc in self.codes.items()}
+
+    @cached_property
+    def _tensor_bases(self) -> Checkpoint | None:
+        if not self.tensor_bases_file:
+            return None
+        return Checkpoint(self.path, _safetensors_infos([self.path / self.tensor_bases_file]), "store-tensor-bases")
+
+    def _tensor_basis_rows(self, chunk: Chunk, weights: np.ndarray) -> torch.Tensor | None:
+        """``S_n (W_n a)`` of a tensor with its own basis on ``chunk``'s rows, or None."""
+        m = self.codes[chunk.tensor].tensor_atoms
+        if not m:
+            return None
+        reader = self._tensor_bases
+        assert reader is not None
+        c = reader.read(coefficients_key(chunk.tensor)).to(torch.float64) @ torch.from_numpy(weights)
+        shape = self.shapes[chunk.tensor]
+        parts = payload_parts(TENSOR_ATOM_CODE, shape)
+        whole = whole_tensor(TENSOR_ATOM_CODE, shape)
+        out = torch.zeros(chunk.numel, dtype=torch.float64)
+        for j in range(m):
+            payload = {
+                p.name: reader.read(tensor_atom_key(chunk.tensor, j, p.name), chunk.start, chunk.stop)
+                if p.per_row and not whole
+                else reader.read(tensor_atom_key(chunk.tensor, j, p.name))
+                for p in parts
+            }
+            if whole:
+                atom = decode(Encoded(TENSOR_ATOM_CODE, shape, TensorKey(chunk.tensor), payload)).reshape(-1)
+                atom = atom[chunk.start * chunk.row_numel : chunk.stop * chunk.row_numel]
+            else:
+                block = (chunk.stop - chunk.start, *shape[1:])
+                atom = decode(Encoded(TENSOR_ATOM_CODE, block, TensorKey(chunk.tensor), payload)).reshape(-1)
+            out += float(c[j]) * atom
+        return out
 
     def covered(self, tensor: str) -> bool:
         """Whether the global basis covers ``tensor`` (its atoms are stored there)."""
@@ -225,10 +323,11 @@ class ResidualReader:
         return decode(Encoded(tc.residual, block_shape, block_key, payload)).reshape(-1)
 
     def rows(self, chunk: Chunk, weights: np.ndarray) -> torch.Tensor | None:
-        """``sum_t weights[t] * R_hat_t`` on ``chunk``'s rows (flat float64), or None where nothing is coded."""
+        """``sum_t weights[t] * (S_n W_n[:, t] + R_hat_t)`` on ``chunk``'s rows (flat float64; ``S_n W_n``
+        only for a tensor with a basis of its own), or None where nothing is stored."""
+        out = self._tensor_basis_rows(chunk, np.asarray(weights, dtype=np.float64))
         if self.codes[chunk.tensor].residual.name == "none":
-            return None
-        out: torch.Tensor | None = None
+            return out
         for t in np.nonzero(np.asarray(weights))[0]:
             r = self._decode(int(t), chunk) * float(weights[t])
             out = r if out is None else out.add_(r)
@@ -237,7 +336,10 @@ class ResidualReader:
     def columns(self, chunk: Chunk, tasks: Sequence[int]) -> torch.Tensor:
         """The decoded residuals of ``tasks`` on ``chunk``: ``(numel, len(tasks))`` float64 (zeros where uncoded)."""
         out = torch.zeros(chunk.numel, len(tasks), dtype=torch.float64)
-        if self.codes[chunk.tensor].residual.name != "none":
-            for i, t in enumerate(tasks):
-                out[:, i] = self._decode(int(t), chunk)
+        for i, t in enumerate(tasks):
+            own = self._tensor_basis_rows(chunk, np.eye(len(self.task_names))[int(t)])
+            if own is not None:
+                out[:, i] += own
+            if self.codes[chunk.tensor].residual.name != "none":
+                out[:, i] += self._decode(int(t), chunk)
         return out
