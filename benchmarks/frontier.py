@@ -27,11 +27,12 @@ import numpy as np
 import torch
 
 from tvbasis.build import build_store
+from tvbasis.codes import parse_code
 from tvbasis.evaluation import runner
 from tvbasis.evaluation.protocol import effect_retained, gain_retained
 from tvbasis.methods import make_method
 from tvbasis.store import Store
-from tvbasis.store.residuals import uniform_plan
+from tvbasis.store.residuals import CodePlan, TensorCode, uniform_plan
 from tvbasis.tasks import TaskSource
 from tvbasis.textsuite.data import TASK_NAMES, load_task
 from tvbasis.textsuite.model import Evaluator, finetune_cached, minilm_path
@@ -39,8 +40,10 @@ from tvbasis.textsuite.presets import default_cache
 from tvbasis.textsuite.suite import SuiteConfig, task_vector
 
 SEEDS = (0, 1, 2)
-#: (label, M, residual code or None); ``{seed}`` is filled in for the random codes.
+#: (label, M, residual code or None); ``{seed}`` is filled in for the random codes; M < 0: every
+#: tensor its own pca basis of -M atoms (no global basis).
 SINGLE: list[tuple[str, int, str | None]] = [
+    ("pca M=1", 1, None),
     ("pca M=2", 2, None),
     ("pca M=4", 4, None),
     ("pca M=6", 6, None),
@@ -55,6 +58,9 @@ SINGLE: list[tuple[str, int, str | None]] = [
     ("keep 12.5% int4", 0, "keep:0.125:int4:seed={seed}"),
     ("keep 6.25% int4", 0, "keep:0.0625:int4:seed={seed}"),
     ("keep 1.25% int8", 0, "keep:0.0125:int8:seed={seed}"),
+    ("tensor pca M=1", -1, None),
+    ("tensor pca M=2", -2, None),
+    ("tensor pca M=4", -4, None),
 ]
 BUDGETS = (0.004, 0.008, 0.016, 0.03, 0.06, 0.12)
 
@@ -65,7 +71,10 @@ def configurations(kinds: list[str], seeds: tuple[int, ...]) -> list[dict[str, A
         for label, m, code in SINGLE:
             for seed in seeds if code and "{seed}" in code else (0,):
                 spec = code.format(seed=seed) if code else None
-                out.append({"label": label, "kind": "single", "M": m, "residual": spec, "seed": seed})
+                cfg = {"label": label, "kind": "single", "M": max(m, 0), "residual": spec, "seed": seed}
+                if m < 0:
+                    cfg["tensor_atoms"] = -m
+                out.append(cfg)
     if "planned" in kinds:
         for budget in BUDGETS:
             for seed in seeds:
@@ -80,6 +89,8 @@ def key(cfg: dict[str, Any]) -> str:
 def build_config(cfg: dict[str, Any], base: Path, sources: list[TaskSource], path: Path, plan_store: Path) -> Store:
     if cfg["kind"] == "single":
         codes = uniform_plan(cfg["residual"]) if cfg["residual"] else None
+        if cfg.get("tensor_atoms"):
+            codes = CodePlan(default=TensorCode(False, parse_code(cfg["residual"] or "none"), cfg["tensor_atoms"]))
         return build_store(base, sources, make_method("pca", cfg["M"]), path, overwrite=True, codes=codes)
     from tvbasis.planning.budget import build_for_budget
 

@@ -5,7 +5,7 @@ A ``CodeSpec`` (parsed from a short string such as ``int4``, ``lloydmax2``, ``si
 code; ``encode`` turns a tensor into an ``Encoded`` payload, ``decode`` turns it back, and
 ``nbytes`` prices a shape without encoding (always equal to ``Encoded.nbytes``).
 ``bias_variance`` splits a code's expected squared error into bias and variance. See
-docs/codes.md. The store does not use these codes yet.
+docs/codes.md. Stores use them for residuals and per-tensor atoms (``store.residuals``).
 """
 
 from tvbasis.codes.core import (

@@ -251,6 +251,47 @@ def plan_budget(
     return best
 
 
+def estimate_plan(
+    gram: np.ndarray,
+    tensor_grams: Mapping[str, np.ndarray],
+    shapes: Mapping[str, tuple[int, ...]],
+    codes: CodePlan,
+    n_atoms: int,
+    *,
+    task_names: Sequence[str] | None = None,
+    noise_weight: float = DEFAULT_NOISE_WEIGHT,
+) -> BudgetPlan:
+    """The planner's estimates (bytes, per-task bias and variance) for a given code plan with a
+    global pca basis of ``n_atoms`` atoms: how the planner sees a store it did not choose."""
+    T = gram.shape[0]
+    names = list(tensor_grams)
+    encoder, decoder = _pca(gram, n_atoms) if n_atoms else (np.zeros((T, 0)), np.zeros((0, T)))
+    sq_norm = np.where(np.diag(gram) > 0, np.diag(gram), 1.0)
+    choices = []
+    for n in names:
+        tc = codes.of(n)
+        if tc.basis and not n_atoms:
+            tc = TensorCode(False, tc.residual, tc.tensor_atoms)
+        (options,) = _tensor_options(
+            [n],
+            shapes,
+            tensor_grams,
+            encoder,
+            decoder,
+            n_atoms,
+            [tc.residual],
+            sq_norm,
+            noise_weight,
+            [tc.tensor_atoms] if tc.tensor_atoms else [],
+        )
+        choices.append(next(c for _, c in options if c.code == tc))
+    original = 4 * T * sum(math.prod(s) for s in shapes.values())
+    overhead = _overhead(T, shapes, n_atoms, [str(codes.of(n).residual) for n in names])
+    plan = BudgetPlan(n_atoms, choices, 0, original, overhead, noise_weight, list(task_names or range(T)))
+    plan.budget_bytes = plan.nbytes
+    return plan
+
+
 def _tensor_options(
     names: list[str],
     shapes: Mapping[str, tuple[int, ...]],

@@ -1,0 +1,185 @@
+"""Tables, the frontier plot and the proxy check of ``benchmarks/frontier.py``'s results.
+
+``write_report(out)`` reads ``reference.json`` and ``results.jsonl`` under ``out`` and writes
+``report.md`` and ``frontier.png``. Seeds of a random code are summarised as their mean and their
+worst value. The proxy check compares, over the single codes, the planner's estimated loss
+(``planning.budget.estimate_plan``, from the statistics store) with the measured gain and
+negation: Spearman rank correlation, for several weights of unbiased error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tvbasis.codes import parse_code
+from tvbasis.planning.budget import estimate_plan, stats_from_store
+from tvbasis.store.residuals import CodePlan, TensorCode
+
+NOISE_WEIGHTS = (0.0, 1 / 1024, 1 / 256, 1 / 64, 1 / 16, 1 / 4, 1.0)
+
+
+def load(out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    ref = json.loads((out / "reference.json").read_text())
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
+    return ref, rows
+
+
+def group(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Rows by label, in first-seen order (seeds of one code together)."""
+    out: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        out[r["config"]["label"]].append(r)
+    return dict(out)
+
+
+def rank(x: np.ndarray) -> np.ndarray:
+    """Average ranks (ties share their mean rank)."""
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x), dtype=float)
+    for v in np.unique(x):
+        tie = x == v
+        ranks[tie] = ranks[tie].mean()
+    return ranks
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ra, rb = rank(np.asarray(a, float)), rank(np.asarray(b, float))
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def single_code_plan(cfg: dict[str, Any]) -> tuple[CodePlan, int]:
+    """The code plan and global basis size of a single-code configuration."""
+    residual = parse_code(cfg.get("residual") or "none")
+    own = int(cfg.get("tensor_atoms", 0))
+    if cfg["M"] > 0:
+        return CodePlan(default=TensorCode(True, residual)), cfg["M"]
+    return CodePlan(default=TensorCode(False, residual, own)), 0
+
+
+def proxy_check(out: Path, groups: dict[str, list[dict[str, Any]]]) -> tuple[list[str], list[dict[str, Any]]]:
+    """Per noise weight, the rank correlation of -estimated loss with measured gain and negation."""
+    stats = out / "stores" / "stats"
+    if not (stats / "tvbasis.json").exists():
+        return ["(no statistics store: run with `--configs planned` first)"], []
+    gram, grams, shapes, names = stats_from_store(stats)
+    singles = {k: v for k, v in groups.items() if v[0]["config"]["kind"] == "single"}
+    labels = list(singles)
+    gain = np.array([np.mean([r["gain_mean"] for r in singles[k]]) for k in labels])
+    neg_min = np.array([np.mean([r["effect_min"] for r in singles[k]]) for k in labels])
+    neg_mean = np.array([np.mean([np.nanmean(list(r["effect"].values())) for r in singles[k]]) for k in labels])
+    lines, table = [], []
+    estimates = {}
+    for k in labels:
+        plan, m = single_code_plan(singles[k][0]["config"])
+        estimates[k] = estimate_plan(gram, grams, shapes, plan, m, task_names=names)
+    for nu in NOISE_WEIGHTS:
+        loss = np.array([float((e.task_bias() + nu * e.task_variance()).mean()) for e in estimates.values()])
+        worst = np.array([float((e.task_bias() + nu * e.task_variance()).max()) for e in estimates.values()])
+        row = {
+            "noise_weight": nu,
+            "gain": spearman(-loss, gain),
+            "negation_min": spearman(-worst, neg_min),
+            "negation_mean": spearman(-loss, neg_mean),
+        }
+        table.append(row)
+    lines.append(f"{len(labels)} single codes: " + ", ".join(labels))
+    lines.append("")
+    lines.append("| weight of unbiased error | rho(gain) | rho(min negation; worst task's loss) | rho(mean negation) |")
+    lines.append("|---|---|---|---|")
+    for row in table:
+        nu = row["noise_weight"]
+        name = "0" if nu == 0 else ("1 (plain squared error)" if nu == 1 else f"1/{round(1 / nu)}")
+        lines.append(f"| {name} | {row['gain']:.2f} | {row['negation_min']:.2f} | {row['negation_mean']:.2f} |")
+    lines.append("")
+    lines.append("| code | est. bias | est. variance | est. loss (1/64) | measured gain | min negation effect |")
+    lines.append("|---|---|---|---|---|---|")
+    for i, (k, e) in enumerate(estimates.items()):
+        lines.append(
+            f"| {k} | {e.task_bias().mean():.4f} | {e.task_variance().mean():.3g} | "
+            f"{(e.task_bias() + e.task_variance() / 64).mean():.4f} | {gain[i]:.3f} | {neg_min[i]:.3f} |"
+        )
+    return lines, table
+
+
+def _fmt(x: float) -> str:
+    return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
+def frontier_table(ref: dict[str, Any], groups: dict[str, list[dict[str, Any]]]) -> list[str]:
+    names = list(ref["zs"]["test"])
+    head = (
+        "| configuration | seeds | bytes | gain (mean, worst seed) | min task gain | "
+        + " | ".join(f"neg. {n}" for n in names)
+        + " | min negation |"
+    )
+    lines = [head, "|" + "---|" * (6 + len(names))]
+    for label, rs in groups.items():
+        gains = [r["gain_mean"] for r in rs]
+        task_gain_min = min(min(v for v in r["gain"].values() if not math.isnan(v)) for r in rs)
+        effects = {n: min(r["effect"][n] for r in rs) for n in names}
+        lines.append(
+            f"| {label} | {len(rs)} | {100 * np.mean([r['bytes_ratio'] for r in rs]):.3g}% | "
+            f"{np.mean(gains):.3f}, {min(gains):.3f} | {task_gain_min:.3f} | "
+            + " | ".join(_fmt(effects[n]) for n in names)
+            + f" | {min(effects.values()):.3f} |"
+        )
+    return lines
+
+
+def plot(groups: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
+    planned = {k: v for k, v in groups.items() if v[0]["config"]["kind"] == "planned"}
+    for ax, metric, title in (
+        (axes[0], "gain_mean", "gain of full task addition kept"),
+        (axes[1], "effect_min", "negation effect kept, worst task"),
+    ):
+        for label, rs in groups.items():
+            if label in planned:
+                continue
+            x = [100 * r["bytes_ratio"] for r in rs]
+            y = [r[metric] for r in rs]
+            ax.scatter(x, y, s=18)
+            ax.annotate(label, (np.mean(x), np.mean(y)), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if planned:
+            xs = [np.mean([100 * r["bytes_ratio"] for r in rs]) for rs in planned.values()]
+            ys = [np.mean([r[metric] for r in rs]) for rs in planned.values()]
+            lo = [min(r[metric] for r in rs) for rs in planned.values()]
+            ax.plot(xs, ys, "k-o", label="planned mix (mean of seeds)")
+            ax.plot(xs, lo, "k--", linewidth=0.8, label="planned mix (worst seed)")
+            ax.legend(fontsize=8, loc="lower right")
+        ax.set_xscale("log")
+        ax.set_xlabel("bytes stored, % of the 8 fp32 task vectors")
+        ax.set_title(title)
+        ax.axhline(1.0, color="grey", linewidth=0.5)
+        ax.set_ylim(-0.05, 1.1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def write_report(out: Path) -> None:
+    ref, rows = load(out)
+    groups = group(rows)
+    lines = ["# Compression frontier on the text suite", ""]
+    lines += frontier_table(ref, groups)
+    lines += ["", "## Proxy check", ""]
+    proxy_lines, table = proxy_check(out, groups)
+    lines += proxy_lines
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    (out / "proxy.json").write_text(json.dumps(table, indent=2) + "\n")
+    plot(groups, out / "frontier.png")
+    print("\n".join(lines))
