@@ -161,3 +161,20 @@ def test_per_tensor_bases_are_planned_and_estimated_exactly(correlated, tmp_path
     np.testing.assert_allclose(measured, plan.task_bias(), rtol=0.02, atol=1e-4)
     mixed = plan_budget(gram, grams, shapes, 0.2, task_names=names)
     assert any(c.code.basis or c.code.tensor_atoms for c in mixed.choices)
+
+
+def test_estimate_plan_of_a_given_store(correlated, tmp_path: Path) -> None:
+    """The planner's view of a store it did not choose: exact bytes of payload, and the error it realises."""
+    from tvbasis.planning.budget import estimate_plan
+    from tvbasis.store.residuals import CodePlan, TensorCode
+
+    fam, stats = correlated
+    gram, grams, shapes, names = stats_from_store(stats)
+    codes = CodePlan(default=TensorCode(False, parse_code("int4")))
+    est = estimate_plan(gram, grams, shapes, codes, 0, task_names=names)
+    store = build_store(fam.base, fam.tasks, make_method("pca", 0), tmp_path / "s", exclude=EXCLUDE, codes=codes)
+    assert sum(c.nbytes for c in est.choices) == store.manifest["residuals"]["payload_bytes"]
+    assert est.nbytes >= store.manifest["bytes"]["total"] * 0.9
+    measured = np.array([t["rel_error"] ** 2 for t in store.manifest["tasks"]])
+    np.testing.assert_allclose(est.task_bias(), measured, rtol=0.3)
+    assert est.task_variance().max() == 0
