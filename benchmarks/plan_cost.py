@@ -1,0 +1,66 @@
+"""What planning costs against the build it plans (the 8 MiniLM fine-tunes of the text suite).
+
+Times, in one run: ``plan_budget`` from a statistics store (cold: the codes' calibration on
+Gaussian rows included, then warm), the Gram pass that gathers the per-tensor statistics, and
+``build --budget`` from those statistics (atom and residual passes). Prints each as a ratio to
+the build's time.
+
+    .venv/bin/python benchmarks/plan_cost.py [--budget 0.0156] [--out runs/plan-cost]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import time
+from pathlib import Path
+
+from tvbasis.build import build_store
+from tvbasis.methods import make_method
+from tvbasis.planning import budget as planner
+from tvbasis.tasks import TaskSource
+from tvbasis.textsuite.data import TASK_NAMES, load_task
+from tvbasis.textsuite.model import finetune_cached, minilm_path
+from tvbasis.textsuite.presets import default_cache
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--budget", type=float, default=0.0156)
+    ap.add_argument("--out", type=Path, default=Path("runs/plan-cost"))
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args.out.mkdir(parents=True, exist_ok=True)
+    base = minilm_path()
+    sources = [
+        TaskSource(t.name, finetune_cached(base, t, default_cache() / "finetunes")) for t in map(load_task, TASK_NAMES)
+    ]
+    t0 = time.perf_counter()
+    build_store(base, sources, make_method("pca", 1), args.out / "stats", overwrite=True, tensor_stats=True)
+    stats_s = time.perf_counter() - t0
+    gram, grams, shapes, names = planner.stats_from_store(args.out / "stats")
+    t0 = time.perf_counter()
+    planner.plan_budget(gram, grams, shapes, args.budget, task_names=names)
+    cold = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    plan = planner.plan_budget(gram, grams, shapes, args.budget, task_names=names)
+    warm = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    store = planner.build_for_budget(
+        base, sources, args.out / "built", args.budget, stats_store=args.out / "stats", overwrite=True
+    )
+    build_s = time.perf_counter() - t0
+    print(
+        f"plan for {args.budget:.2%}: M = {plan.n_atoms}, {plan.nbytes:,} bytes estimated, "
+        f"store {store.manifest['bytes']['total']:,}"
+    )
+    print(f"build --budget (atom + residual passes, plan included): {build_s:.1f} s  = 1.00")
+    print(f"Gram pass with per-tensor statistics (+ a pca M=1 store): {stats_s:.1f} s = {stats_s / build_s:.3f}")
+    print(f"planning, cold (code calibration included): {cold:.2f} s = {cold / build_s:.3f}")
+    print(f"planning, warm: {warm:.2f} s = {warm / build_s:.3f}")
+    shutil.rmtree(args.out / "built", ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
