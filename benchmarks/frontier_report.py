@@ -75,6 +75,7 @@ def proxy_check(out: Path, groups: dict[str, list[dict[str, Any]]]) -> tuple[lis
     labels = list(singles)
     gain = np.array([np.mean([r["gain_mean"] for r in singles[k]]) for k in labels])
     neg_min = np.array([np.mean([r["effect_min"] for r in singles[k]]) for k in labels])
+    gain_min = np.array([np.mean([np.nanmin(list(r["gain"].values())) for r in singles[k]]) for k in labels])
     neg_mean = np.array([np.mean([np.nanmean(list(r["effect"].values())) for r in singles[k]]) for k in labels])
     lines, table = [], []
     estimates = {}
@@ -87,6 +88,7 @@ def proxy_check(out: Path, groups: dict[str, list[dict[str, Any]]]) -> tuple[lis
         row = {
             "noise_weight": nu,
             "gain": spearman(-loss, gain),
+            "gain_min": spearman(-worst, gain_min),
             "negation_min": spearman(-worst, neg_min),
             "negation_mean": spearman(-loss, neg_mean),
         }
@@ -98,7 +100,10 @@ def proxy_check(out: Path, groups: dict[str, list[dict[str, Any]]]) -> tuple[lis
     for row in table:
         nu = row["noise_weight"]
         name = "0" if nu == 0 else ("1 (plain squared error)" if nu == 1 else f"1/{round(1 / nu)}")
-        lines.append(f"| {name} | {row['gain']:.2f} | {row['negation_min']:.2f} | {row['negation_mean']:.2f} |")
+        lines.append(
+            f"| {name} | {row['gain']:.2f} | {row['gain_min']:.2f} | {row['negation_min']:.2f} "
+            f"| {row['negation_mean']:.2f} |"
+        )
     lines.append("")
     lines.append("| code | est. bias | est. variance | est. loss (1/64) | measured gain | min negation effect |")
     lines.append("|---|---|---|---|---|---|")
