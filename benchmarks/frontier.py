@@ -11,6 +11,7 @@ and the store's measured relative error. Each finished configuration is appended
 ``results.jsonl``, so a run can be resumed; ``--report`` writes ``report.md`` and ``frontier.png``.
 
     .venv/bin/python benchmarks/frontier.py --out runs/frontier [--configs single planned] [--report]
+    .venv/bin/python benchmarks/frontier.py --out runs/frontier --configs planned --budgets 0.015625 0.00390625
 """
 
 from __future__ import annotations
@@ -65,7 +66,9 @@ SINGLE: list[tuple[str, int, str | None]] = [
 BUDGETS = (0.004, 0.008, 0.016, 0.03, 0.06, 0.12)
 
 
-def configurations(kinds: list[str], seeds: tuple[int, ...]) -> list[dict[str, Any]]:
+def configurations(
+    kinds: list[str], seeds: tuple[int, ...], budgets: tuple[float, ...] = BUDGETS
+) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     if "single" in kinds:
         for label, m, code in SINGLE:
@@ -76,9 +79,10 @@ def configurations(kinds: list[str], seeds: tuple[int, ...]) -> list[dict[str, A
                     cfg["tensor_atoms"] = -m
                 out.append(cfg)
     if "planned" in kinds:
-        for budget in BUDGETS:
+        for budget in budgets:
+            label = f"planned {budget:.1%}" if round(budget, 3) == budget else f"planned {100 * budget:.4g}%"
             for seed in seeds:
-                out.append({"label": f"planned {budget:.1%}", "kind": "planned", "budget": budget, "seed": seed})
+                out.append({"label": label, "kind": "planned", "budget": budget, "seed": seed})
     return out
 
 
@@ -158,6 +162,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/frontier"))
     ap.add_argument("--configs", nargs="+", default=["single", "planned"], choices=["single", "planned"])
     ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    ap.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS), help="planned budgets (fractions)")
     ap.add_argument("--only", nargs="*", default=None, help="labels to run (default: all)")
     ap.add_argument("--report", action="store_true", help="only write report.md and frontier.png from results.jsonl")
     args = ap.parse_args()
@@ -200,7 +205,7 @@ def main() -> None:
     plan_store = args.out / "stores" / "stats"
     if "planned" in args.configs and not (plan_store / "tvbasis.json").exists():
         build_store(base, sources, make_method("pca", 1), plan_store, overwrite=True, tensor_stats=True)
-    for cfg in configurations(args.configs, tuple(args.seeds)):
+    for cfg in configurations(args.configs, tuple(args.seeds), tuple(args.budgets)):
         if key(cfg) in done or (args.only and cfg["label"] not in args.only):
             continue
         path = args.out / "stores" / "current"

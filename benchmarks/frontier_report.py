@@ -95,8 +95,11 @@ def proxy_check(out: Path, groups: dict[str, list[dict[str, Any]]]) -> tuple[lis
         table.append(row)
     lines.append(f"{len(labels)} single codes: " + ", ".join(labels))
     lines.append("")
-    lines.append("| weight of unbiased error | rho(gain) | rho(min negation; worst task's loss) | rho(mean negation) |")
-    lines.append("|---|---|---|---|")
+    lines.append(
+        "| weight of unbiased error | rho(gain) | rho(worst task's gain) | rho(worst task's negation) "
+        "| rho(mean negation) |"
+    )
+    lines.append("|---|---|---|---|---|")
     for row in table:
         nu = row["noise_weight"]
         name = "0" if nu == 0 else ("1 (plain squared error)" if nu == 1 else f"1/{round(1 / nu)}")

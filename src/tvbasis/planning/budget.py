@@ -334,55 +334,67 @@ def _tensor_options(
 
 
 def _knapsack(options: list[list[tuple[float, Choice]]], budget: int) -> list[Choice] | None:
-    """One choice per tensor minimising the summed loss with summed bytes <= ``budget`` (Lagrangian bisection)."""
+    """One choice per tensor minimising the summed loss with summed bytes <= ``budget`` (Lagrangian bisection).
+
+    Candidates sit in a (tensors, candidates) array, padded with infinite loss, so each step of
+    the bisection is one vectorised argmin."""
     if budget < 0:
         return None
+    width = max(len(opts) for opts in options)
+    loss = np.full((len(options), width), np.inf)
+    size = np.zeros((len(options), width))
+    for i, opts in enumerate(options):
+        loss[i, : len(opts)] = [lo for lo, _ in opts]
+        size[i, : len(opts)] = [c.nbytes for _, c in opts]
+    rows = np.arange(len(options))
+    # ties go to the smaller candidate: a tie-break far below any real difference in loss
+    tie = size / (size.max() + 1.0) * 1e-12
 
-    def pick(mu: float) -> list[Choice]:
-        return [min(opts, key=lambda o: (o[0] + mu * o[1].nbytes, o[1].nbytes))[1] for opts in options]
+    def pick(mu: float) -> np.ndarray:
+        return np.argmin(loss + mu * size + tie, axis=1)
 
-    def total(plan: list[Choice]) -> int:
-        return sum(c.nbytes for c in plan)
+    def total(idx: np.ndarray) -> float:
+        return float(size[rows, idx].sum())
 
-    cheapest = [min(opts, key=lambda o: (o[1].nbytes, o[0]))[1] for opts in options]
+    # the fewest bytes per tensor (sizes are whole bytes, so the loss only breaks ties)
+    cheapest = np.argmin(np.where(np.isfinite(loss), size + 1e-3 * loss / (1.0 + loss), np.inf), axis=1)
     if total(cheapest) > budget:
         return None
-    if total(pick(0.0)) <= budget:
-        return pick(0.0)
-    lo, hi = 0.0, 1.0
-    while total(pick(hi)) > budget:
-        hi *= 4
-        if hi > 1e30:
-            return cheapest
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        if total(pick(mid)) > budget:
-            lo = mid
+    idx = pick(0.0)
+    if total(idx) > budget:
+        lo, hi = 0.0, 1.0
+        while total(pick(hi)) > budget:
+            hi *= 4
+            if hi > 1e30:
+                idx = cheapest
+                break
         else:
-            hi = mid
-    plan = pick(hi)
-    return _fill(plan, options, budget)
+            for _ in range(64):
+                mid = (lo + hi) / 2
+                if total(pick(mid)) > budget:
+                    lo = mid
+                else:
+                    hi = mid
+            idx = pick(hi)
+    idx = _fill(idx, loss, size, budget)
+    return [options[i][j][1] for i, j in enumerate(idx)]
 
 
-def _fill(plan: list[Choice], options: list[list[tuple[float, Choice]]], budget: int) -> list[Choice]:
+def _fill(idx: np.ndarray, loss: np.ndarray, size: np.ndarray, budget: int) -> np.ndarray:
     """Spend what the multiplier's plan leaves of the budget: upgrade tensors greedily by loss saved per byte."""
-    plan = list(plan)
-    loss = {id(c): lo for opts in options for lo, c in opts}
-    left = budget - sum(c.nbytes for c in plan)
+    idx = idx.copy()
+    rows = np.arange(len(idx))
+    left = budget - size[rows, idx].sum()
     while True:
-        best: tuple[float, int, Choice] | None = None
-        for i, opts in enumerate(options):
-            cur = plan[i]
-            for lo, c in opts:
-                extra = c.nbytes - cur.nbytes
-                saved = loss[id(cur)] - lo
-                if saved > 0 and 0 < extra <= left and (best is None or saved / extra > best[0]):
-                    best = (saved / extra, i, c)
-        if best is None:
-            return plan
-        _, i, c = best
-        left -= c.nbytes - plan[i].nbytes
-        plan[i] = c
+        saved = loss[rows, idx][:, None] - loss
+        extra = size - size[rows, idx][:, None]
+        ok = (saved > 0) & (extra > 0) & (extra <= left)
+        if not ok.any():
+            return idx
+        ratio = np.where(ok, saved / np.where(extra > 0, extra, 1.0), -np.inf)
+        i, j = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
+        left -= extra[i, j]
+        idx[i] = j
 
 
 def stats_from_store(
