@@ -229,13 +229,14 @@ def plan_budget(
     if tensor_atoms is None:
         tensor_atoms = [m for m in atoms if m > 0]
     best: BudgetPlan | None = None
+    own_energy: dict[tuple[str, int], np.ndarray] = {}
     for m in atoms:
         if not 0 <= m <= T:
             raise TvbasisError(f"--atoms {m}: must be between 0 and T = {T}")
         encoder, decoder = _pca(gram, m) if m else (np.zeros((T, 0)), np.zeros((0, T)))
         overhead = _overhead(T, shapes, m, [str(s) for s in specs])
         options = _tensor_options(
-            names, shapes, tensor_grams, encoder, decoder, m, specs, sq_norm, noise_weight, tensor_atoms
+            names, shapes, tensor_grams, encoder, decoder, m, specs, sq_norm, noise_weight, tensor_atoms, own_energy
         )
         plan = _knapsack(options, budget_bytes - overhead)
         if plan is None:
@@ -303,8 +304,11 @@ def _tensor_options(
     sq_norm: np.ndarray,
     noise_weight: float,
     tensor_atoms: Sequence[int] = (),
+    own_energy: dict[tuple[str, int], np.ndarray] | None = None,
 ) -> list[list[tuple[float, Choice]]]:
-    """Per tensor, every candidate as ``(mean proxy loss, Choice)``."""
+    """Per tensor, every candidate as ``(mean proxy loss, Choice)``. ``own_energy`` caches the
+    residual energies of the tensors' own bases, which do not depend on the global basis."""
+    own_energy = {} if own_energy is None else own_energy
     options = []
     for n in names:
         shape = tuple(shapes[n])
@@ -317,18 +321,20 @@ def _tensor_options(
             bases[(True, 0)] = (_residual_energy(G_n, encoder, decoder), m * atom_bytes(shape, ATOM_DTYPE))
         for own in tensor_atoms:
             if own < T:
-                B_n, W_n = _pca(G_n, own)
+                if (n, own) not in own_energy:
+                    own_energy[(n, own)] = _residual_energy(G_n, *_pca(G_n, own))
                 own_bytes = own * (nbytes(TENSOR_ATOM_CODE, shape) + 8 * T + TENSOR_ATOM_HEADER)
-                bases[(False, own)] = (_residual_energy(G_n, B_n, W_n), own_bytes)
+                bases[(False, own)] = (own_energy[(n, own)], own_bytes)
+        rel = np.array([relative_error(spec, row_numel, rows) for spec in specs])  # (codes, 2)
+        code_bytes = [T * nbytes(spec, shape) for spec in specs]
         per_tensor = []
         for (basis, own), (energy, basis_bytes) in bases.items():
-            for spec in specs:
-                b_rel, v_rel = relative_error(spec, row_numel, rows)
-                bias = b_rel * energy / sq_norm
-                var = v_rel * energy / sq_norm
-                nb = basis_bytes + T * nbytes(spec, shape)
-                choice = Choice(n, TensorCode(basis, spec, own), nb, bias, var)
-                per_tensor.append((float((bias + noise_weight * var).mean()), choice))
+            share = energy / sq_norm
+            bias, var = rel[:, :1] * share, rel[:, 1:] * share  # (codes, T)
+            losses = (bias + noise_weight * var).mean(axis=1)
+            for k, spec in enumerate(specs):
+                choice = Choice(n, TensorCode(basis, spec, own), basis_bytes + code_bytes[k], bias[k], var[k])
+                per_tensor.append((float(losses[k]), choice))
         options.append(per_tensor)
     return options
 
