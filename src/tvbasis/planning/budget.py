@@ -65,6 +65,7 @@ ATOM_DTYPE = "int8"
 FIXED_OVERHEAD = 16 * 1024
 MANIFEST_BYTES_PER_TENSOR = 400
 _CALIBRATION_ROWS = 64
+_CALIBRATION_ENTRIES = 16384
 #: Header bytes of one per-tensor atom (two parts) and its share of the coefficients' entry.
 TENSOR_ATOM_HEADER = 256
 
@@ -75,7 +76,8 @@ def relative_error(spec: CodeSpec, row_numel: int, rows: int) -> tuple[float, fl
     if spec.name == "none":
         return 1.0, 0.0
     g = torch.Generator().manual_seed(0)
-    n_rows = max(1, min(rows, _CALIBRATION_ROWS))
+    # enough rows for about _CALIBRATION_ENTRIES entries: the relative errors are averages over them
+    n_rows = max(1, min(rows, _CALIBRATION_ROWS, -(-_CALIBRATION_ENTRIES // max(row_numel, 1))))
     # a 1-D tensor is one row; tensor-wide codes see a (sub)matrix of the tensor's row length
     x = torch.randn((n_rows, row_numel), generator=g, dtype=torch.float64)
     if rows == 1 and n_rows == 1:
