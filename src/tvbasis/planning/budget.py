@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tvbasis.codes import CodeSpec, TensorKey, bias_variance, nbytes, parse_code
+from tvbasis.codes import CodeSpec, TensorKey, bias_variance, code, nbytes, parse_code
 from tvbasis.codes.core import row_view_shape
 from tvbasis.errors import TvbasisError
 from tvbasis.io.writer import TensorSpec, safetensors_header
@@ -76,8 +76,12 @@ def relative_error(spec: CodeSpec, row_numel: int, rows: int) -> tuple[float, fl
     if spec.name == "none":
         return 1.0, 0.0
     g = torch.Generator().manual_seed(0)
-    # enough rows for about _CALIBRATION_ENTRIES entries: the relative errors are averages over them
-    n_rows = max(1, min(rows, _CALIBRATION_ROWS, -(-_CALIBRATION_ENTRIES // max(row_numel, 1))))
+    # Row-local codes: enough rows for about _CALIBRATION_ENTRIES entries (their relative errors are
+    # averages over entries). Tensor-wide codes (low rank, top-k) see up to _CALIBRATION_ROWS rows.
+    n_rows = min(rows, _CALIBRATION_ROWS)
+    if code(spec.name).row_local:
+        n_rows = min(n_rows, -(-_CALIBRATION_ENTRIES // max(row_numel, 1)))
+    n_rows = max(1, n_rows)
     # a 1-D tensor is one row; tensor-wide codes see a (sub)matrix of the tensor's row length
     x = torch.randn((n_rows, row_numel), generator=g, dtype=torch.float64)
     if rows == 1 and n_rows == 1:
