@@ -163,9 +163,10 @@ def plot(groups: dict[str, list[dict[str, Any]]], path: Path) -> None:
             ax.scatter(x, y, s=18)
             ax.annotate(label, (np.mean(x), np.mean(y)), fontsize=7, xytext=(3, 3), textcoords="offset points")
         if planned:
-            xs = [np.mean([100 * r["bytes_ratio"] for r in rs]) for rs in planned.values()]
-            ys = [np.mean([r[metric] for r in rs]) for rs in planned.values()]
-            lo = [min(r[metric] for r in rs) for rs in planned.values()]
+            ordered = sorted(planned.values(), key=lambda rs: rs[0]["bytes_ratio"])
+            xs = [np.mean([100 * r["bytes_ratio"] for r in rs]) for rs in ordered]
+            ys = [np.mean([r[metric] for r in rs]) for rs in ordered]
+            lo = [min(r[metric] for r in rs) for rs in ordered]
             ax.plot(xs, ys, "k-o", label="planned mix (mean of seeds)")
             ax.plot(xs, lo, "k--", linewidth=0.8, label="planned mix (worst seed)")
             ax.legend(fontsize=8, loc="lower right")
