@@ -67,7 +67,7 @@ BUDGETS = (0.004, 0.008, 0.016, 0.03, 0.06, 0.12)
 
 
 def configurations(
-    kinds: list[str], seeds: tuple[int, ...], budgets: tuple[float, ...] = BUDGETS
+    kinds: list[str], seeds: tuple[int, ...], budgets: tuple[float, ...] = BUDGETS, noise_weight: float | None = None
 ) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     if "single" in kinds:
@@ -81,8 +81,12 @@ def configurations(
     if "planned" in kinds:
         for budget in budgets:
             label = f"planned {budget:.1%}" if round(budget, 3) == budget else f"planned {100 * budget:.4g}%"
+            extra: dict[str, Any] = {}
+            if noise_weight is not None:
+                label += f", noise weight 1/{round(1 / noise_weight)}"
+                extra["noise_weight"] = noise_weight
             for seed in seeds:
-                out.append({"label": label, "kind": "planned", "budget": budget, "seed": seed})
+                out.append({"label": label, "kind": "planned", "budget": budget, "seed": seed, **extra})
     return out
 
 
@@ -98,7 +102,10 @@ def build_config(cfg: dict[str, Any], base: Path, sources: list[TaskSource], pat
         return build_store(base, sources, make_method("pca", cfg["M"]), path, overwrite=True, codes=codes)
     from tvbasis.planning.budget import build_for_budget
 
-    return build_for_budget(base, sources, path, budget=cfg["budget"], stats_store=plan_store, seed=cfg["seed"])
+    weight = {"noise_weight": cfg["noise_weight"]} if "noise_weight" in cfg else {}
+    return build_for_budget(
+        base, sources, path, budget=cfg["budget"], stats_store=plan_store, seed=cfg["seed"], **weight
+    )
 
 
 def evaluate(
@@ -163,6 +170,7 @@ def main() -> None:
     ap.add_argument("--configs", nargs="+", default=["single", "planned"], choices=["single", "planned"])
     ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     ap.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS), help="planned budgets (fractions)")
+    ap.add_argument("--noise-weight", type=float, default=None, help="planner's weight of unbiased error")
     ap.add_argument("--only", nargs="*", default=None, help="labels to run (default: all)")
     ap.add_argument("--report", action="store_true", help="only write report.md and frontier.png from results.jsonl")
     args = ap.parse_args()
@@ -205,7 +213,7 @@ def main() -> None:
     plan_store = args.out / "stores" / "stats"
     if "planned" in args.configs and not (plan_store / "tvbasis.json").exists():
         build_store(base, sources, make_method("pca", 1), plan_store, overwrite=True, tensor_stats=True)
-    for cfg in configurations(args.configs, tuple(args.seeds), tuple(args.budgets)):
+    for cfg in configurations(args.configs, tuple(args.seeds), tuple(args.budgets), args.noise_weight):
         if key(cfg) in done or (args.only and cfg["label"] not in args.only):
             continue
         path = args.out / "stores" / "current"
