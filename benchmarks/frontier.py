@@ -171,6 +171,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     ap.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS), help="planned budgets (fractions)")
     ap.add_argument("--noise-weight", type=float, default=None, help="planner's weight of unbiased error")
+    ap.add_argument(
+        "--full-val", action="store_true", help="choose lambdas on the whole validation splits (use its own --out)"
+    )
     ap.add_argument("--only", nargs="*", default=None, help="labels to run (default: all)")
     ap.add_argument("--report", action="store_true", help="only write report.md and frontier.png from results.jsonl")
     args = ap.parse_args()
@@ -187,7 +190,7 @@ def main() -> None:
     names = [t.name for t in tasks]
     ft_dirs = {t.name: finetune_cached(base, t, default_cache() / "finetunes") for t in tasks}
     sources = [TaskSource(n, ft_dirs[n]) for n in names]
-    limits = runner.Limits(val=SUITE.val_limit, test=SUITE.test_limit)
+    limits = runner.Limits(val=None if args.full_val else SUITE.val_limit, test=SUITE.test_limit)
     ev = Evaluator(base, tasks)
     base_state = ev.base_state()
 
