@@ -64,6 +64,9 @@ SINGLE: list[tuple[str, int, str | None]] = [
     ("tensor pca M=4", -4, None),
 ]
 BUDGETS = (0.004, 0.008, 0.016, 0.03, 0.06, 0.12)
+#: The planner's weight of unbiased error for planned rows whose label names none (the weight the
+#: first frontier was built with); other weights are labelled, e.g. ``--noise-weight 0.00390625``.
+UNLABELLED_NOISE_WEIGHT = 1 / 64
 
 
 def configurations(
@@ -102,9 +105,15 @@ def build_config(cfg: dict[str, Any], base: Path, sources: list[TaskSource], pat
         return build_store(base, sources, make_method("pca", cfg["M"]), path, overwrite=True, codes=codes)
     from tvbasis.planning.budget import build_for_budget
 
-    weight = {"noise_weight": cfg["noise_weight"]} if "noise_weight" in cfg else {}
     return build_for_budget(
-        base, sources, path, budget=cfg["budget"], stats_store=plan_store, seed=cfg["seed"], **weight
+        base,
+        sources,
+        path,
+        budget=cfg["budget"],
+        stats_store=plan_store,
+        seed=cfg["seed"],
+        overwrite=True,
+        noise_weight=cfg.get("noise_weight", UNLABELLED_NOISE_WEIGHT),
     )
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from tvbasis.codes import parse_code
-from tvbasis.planning.budget import estimate_plan, stats_from_store
+from tvbasis.planning.budget import DEFAULT_NOISE_WEIGHT, estimate_plan, stats_from_store
 from tvbasis.store.residuals import CodePlan, TensorCode
 
 NOISE_WEIGHTS = (0.0, 1 / 1024, 1 / 256, 1 / 64, 1 / 16, 1 / 4, 1.0)
@@ -77,6 +77,12 @@ def proxy_check(out: Path, groups: dict[str, list[dict[str, Any]]]) -> tuple[lis
     neg_min = np.array([np.mean([r["effect_min"] for r in singles[k]]) for k in labels])
     gain_min = np.array([np.mean([np.nanmin(list(r["gain"].values())) for r in singles[k]]) for k in labels])
     neg_mean = np.array([np.mean([np.nanmean(list(r["effect"].values())) for r in singles[k]]) for k in labels])
+    matched = all("effect_matched" in r for k in labels for r in singles[k])
+    if matched:  # the same, at the full vectors' lambdas (no lambda search)
+        neg_min_matched = np.array([np.mean([r["effect_matched_min"] for r in singles[k]]) for k in labels])
+        neg_mean_matched = np.array(
+            [np.mean([np.nanmean(list(r["effect_matched"].values())) for r in singles[k]]) for k in labels]
+        )
     lines, table = [], []
     estimates = {}
     for k in labels:
@@ -92,28 +98,36 @@ def proxy_check(out: Path, groups: dict[str, list[dict[str, Any]]]) -> tuple[lis
             "negation_min": spearman(-worst, neg_min),
             "negation_mean": spearman(-loss, neg_mean),
         }
+        if matched:
+            row["negation_min_matched"] = spearman(-worst, neg_min_matched)
+            row["negation_mean_matched"] = spearman(-loss, neg_mean_matched)
         table.append(row)
     lines.append(f"{len(labels)} single codes: " + ", ".join(labels))
     lines.append("")
+    extra = " rho(worst negation, matched lambda) | rho(mean negation, matched lambda) |" if matched else ""
     lines.append(
         "| weight of unbiased error | rho(gain) | rho(worst task's gain) | rho(worst task's negation) "
-        "| rho(mean negation) |"
+        "| rho(mean negation) |" + extra
     )
-    lines.append("|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|" + ("---|---|" if matched else ""))
     for row in table:
         nu = row["noise_weight"]
         name = "0" if nu == 0 else ("1 (plain squared error)" if nu == 1 else f"1/{round(1 / nu)}")
         lines.append(
             f"| {name} | {row['gain']:.2f} | {row['gain_min']:.2f} | {row['negation_min']:.2f} "
             f"| {row['negation_mean']:.2f} |"
+            + (f" {row['negation_min_matched']:.2f} | {row['negation_mean_matched']:.2f} |" if matched else "")
         )
+    nu = DEFAULT_NOISE_WEIGHT
     lines.append("")
-    lines.append("| code | est. bias | est. variance | est. loss (1/64) | measured gain | min negation effect |")
+    lines.append(
+        f"| code | est. bias | est. variance | est. loss (1/{round(1 / nu)}) | measured gain | min negation effect |"
+    )
     lines.append("|---|---|---|---|---|---|")
     for i, (k, e) in enumerate(estimates.items()):
         lines.append(
             f"| {k} | {e.task_bias().mean():.4f} | {e.task_variance().mean():.3g} | "
-            f"{(e.task_bias() + e.task_variance() / 64).mean():.4f} | {gain[i]:.3f} | {neg_min[i]:.3f} |"
+            f"{(e.task_bias() + nu * e.task_variance()).mean():.4f} | {gain[i]:.3f} | {neg_min[i]:.3f} |"
         )
     return lines, table
 

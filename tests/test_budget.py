@@ -17,7 +17,13 @@ from tvbasis.cli import app
 from tvbasis.codes import CodeSpec, parse_code
 from tvbasis.errors import TvbasisError
 from tvbasis.methods import make_method
-from tvbasis.planning.budget import build_for_budget, plan_budget, relative_error, stats_from_store
+from tvbasis.planning.budget import (
+    DEFAULT_NOISE_WEIGHT,
+    build_for_budget,
+    plan_budget,
+    relative_error,
+    stats_from_store,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 EXCLUDE = ["head.*"]
@@ -67,17 +73,24 @@ def test_plan_fits_the_budget_and_more_bytes_lose_less(correlated) -> None:
         plan_budget(gram, grams, shapes, 1e-4)
 
 
+def _basis_directions(plan, tensor: str) -> int:
+    """How many basis directions (global atoms used, plus its own atoms) the plan gives ``tensor``."""
+    code = next(c.code for c in plan.choices if c.tensor == tensor)
+    return (plan.n_atoms if code.basis else 0) + code.tensor_atoms
+
+
 def test_a_shared_basis_wins_on_correlated_tasks(correlated, tmp_path: Path) -> None:
+    big = ("big.weight", "big2.weight")  # where payloads outweigh the coefficients and headers
     gram, grams, shapes, names = stats_from_store(correlated[1])
     plan = plan_budget(gram, grams, shapes, 0.2, task_names=names)
-    assert plan.n_atoms >= 2  # two shared directions explain the tasks
+    assert all(_basis_directions(plan, t) >= 2 for t in big)  # two shared directions explain the tasks
     uncorrelated = _family(tmp_path / "unc", rank=None, seed=3)
     build_store(
         uncorrelated.base, uncorrelated.tasks, make_method("pca", 1), tmp_path / "u", exclude=EXCLUDE, tensor_stats=True
     )
     gram, grams, shapes, names = stats_from_store(tmp_path / "u")
     loose = plan_budget(gram, grams, shapes, 0.2, task_names=names)
-    assert loose.n_atoms <= 1  # nothing is shared: atoms would only cost bytes
+    assert all(_basis_directions(loose, t) <= 1 for t in big)  # nothing is shared: atoms would only cost bytes
 
 
 def test_estimates_match_the_built_store(correlated, tmp_path: Path) -> None:
@@ -121,6 +134,7 @@ def test_cli_plan_and_build_budget(correlated, tmp_path: Path) -> None:
     res = runner.invoke(app, ["plan", str(stats), "--budget", "0.1", "--json"])
     assert res.exit_code == 0, res.output
     summary = json.loads(res.output)
+    assert summary["noise_weight"] == DEFAULT_NOISE_WEIGHT  # the CLI's default is the planner's
     assert summary["estimated_bytes"] <= summary["budget_bytes"] and set(summary["tasks"]) == {
         t.name for t in fam.tasks
     }

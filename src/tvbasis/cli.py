@@ -58,6 +58,8 @@ METHOD_OPTIONS: dict[str, set[str]] = {
 
 
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+#: ``planning.budget.DEFAULT_NOISE_WEIGHT``, repeated so that ``--help`` does not import torch.
+PLANNER_NOISE_WEIGHT = 1 / 256
 
 
 def _one_line(message: str) -> str:
@@ -180,7 +182,7 @@ def build(
     ] = None,
     noise_weight: Annotated[
         float, typer.Option(help="[--budget] weight of unbiased (random) error against biased error.")
-    ] = 1 / 64,
+    ] = PLANNER_NOISE_WEIGHT,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -822,7 +824,7 @@ def plan(
     ] = None,
     noise_weight: Annotated[
         float, typer.Option(help="[--budget] weight of unbiased (random) error against biased error.")
-    ] = 1 / 64,
+    ] = PLANNER_NOISE_WEIGHT,
     seed: Annotated[int, typer.Option(help="[--budget] seed of the random keep codes.")] = 0,
 ) -> None:
     """Per tensor, from the stored matrices only: energy share, the store basis's error, and a per-tensor PCA's.
