@@ -173,33 +173,46 @@ def plot(groups: dict[str, list[dict[str, Any]]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
+    panels = [
+        ("gain_mean", "gain of full task addition kept"),
+        ("effect_min", "negation effect kept, worst task"),
+    ]
+    if any("effect_matched_min" in r for rs in groups.values() for r in rs):
+        panels.append(("effect_matched_min", "worst task's negation, at the full vectors' lambdas"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5), sharex=True)
     planned = {k: v for k, v in groups.items() if v[0]["config"]["kind"] == "planned"}
-    for ax, metric, title in (
-        (axes[0], "gain_mean", "gain of full task addition kept"),
-        (axes[1], "effect_min", "negation effect kept, worst task"),
-    ):
+    by_weight: dict[float, list[list[dict[str, Any]]]] = {}
+    for rs in planned.values():  # one line per noise weight the plans were made with
+        # rows without a weight were planned with 1/64 (frontier.UNLABELLED_NOISE_WEIGHT)
+        by_weight.setdefault(rs[0]["config"].get("noise_weight", 1 / 64), []).append(rs)
+    for ax, (metric, title) in zip(axes, panels, strict=True):
         for label, rs in groups.items():
-            if label in planned:
+            rs = [r for r in rs if metric in r]
+            if label in planned or not rs:
                 continue
             x = [100 * r["bytes_ratio"] for r in rs]
             y = [r[metric] for r in rs]
-            ax.scatter(x, y, s=18)
-            ax.annotate(label, (np.mean(x), np.mean(y)), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        if planned:
-            ordered = sorted(planned.values(), key=lambda rs: rs[0]["bytes_ratio"])
+            ax.scatter(x, y, s=14, color="tab:blue", alpha=0.6)
+            ax.annotate(label, (np.mean(x), np.mean(y)), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        for i, (nu, runs) in enumerate(sorted(by_weight.items())):
+            color = ("k", "tab:red", "tab:orange", "tab:green")[i % 4]
+            measured = [[r for r in rs if metric in r] for rs in runs]
+            ordered = sorted((rs for rs in measured if rs), key=lambda rs: rs[0]["bytes_ratio"])
             xs = [np.mean([100 * r["bytes_ratio"] for r in rs]) for rs in ordered]
             ys = [np.mean([r[metric] for r in rs]) for rs in ordered]
             lo = [min(r[metric] for r in rs) for rs in ordered]
-            ax.plot(xs, ys, "k-o", label="planned mix (mean of seeds)")
-            ax.plot(xs, lo, "k--", linewidth=0.8, label="planned mix (worst seed)")
-            ax.legend(fontsize=8, loc="lower right")
+            name = f"planned, noise weight 1/{round(1 / nu)}"
+            ax.plot(xs, ys, "-o", color=color, markersize=4, label=f"{name}: mean of seeds")
+            ax.plot(xs, lo, "--", color=color, linewidth=0.8, label=f"{name}: worst seed")
         ax.set_xscale("log")
         ax.set_xlabel("bytes stored, % of the 8 fp32 task vectors")
-        ax.set_title(title)
+        ax.set_title(title, fontsize=10)
         ax.axhline(1.0, color="grey", linewidth=0.5)
-        ax.set_ylim(-0.05, 1.1)
-    fig.tight_layout()
+        ax.set_ylim(-0.05, 1.15)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.12 if handles else 0, 1, 1))
     fig.savefig(path, dpi=130)
     plt.close(fig)
 
