@@ -8,9 +8,11 @@ import pytest
 
 from common import tree_digest, write_family
 from tvbasis.build import build_store
+from tvbasis.codes import parse_code
 from tvbasis.engine.streaming import LocalEngine
 from tvbasis.errors import TvbasisError
 from tvbasis.methods import make_method
+from tvbasis.store.residuals import CodePlan, TensorCode
 
 distributed = pytest.importorskip("distributed", reason="the dask engine needs the 'distributed' extra")
 from tvbasis.engine.distributed import DaskEngine  # noqa: E402
@@ -83,6 +85,32 @@ def test_dask_engine_builds_the_same_store(
         m.pop("created")
         m.pop("files")
     assert ml == mr
+
+
+@pytest.mark.parametrize(
+    "n_atoms,code",
+    [
+        (2, TensorCode(True, parse_code("keep:0.5:int4:seed=3"))),  # global basis + random-keep residuals
+        (0, TensorCode(False, parse_code("int4"), tensor_atoms=2)),  # per-tensor bases + int4 residuals
+    ],
+)
+def test_dask_engine_builds_the_same_coded_store(family, dask_engine, tmp_path: Path, n_atoms, code) -> None:
+    """Coded residuals and per-tensor atoms (their Gram matrices come from the engine's pass) match too."""
+    stores = [
+        build_store(
+            family.base,
+            family.tasks,
+            make_method("pca", n_atoms),
+            tmp_path / name,
+            exclude=EXCLUDE,
+            chunk_elements=7,
+            engine=engine,
+            codes=CodePlan(default=code),
+        )
+        for name, engine in (("local", LocalEngine(PARTITION)), ("dask", dask_engine))
+    ]
+    _same_store(stores[0].path, stores[1].path)
+    assert stores[0].manifest["residuals"] == stores[1].manifest["residuals"]
 
 
 def test_worker_errors_reach_the_caller(family, dask_engine, tmp_path: Path) -> None:
