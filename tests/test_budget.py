@@ -81,16 +81,21 @@ def _basis_directions(plan, tensor: str) -> int:
 
 def test_a_shared_basis_wins_on_correlated_tasks(correlated, tmp_path: Path) -> None:
     big = ("big.weight", "big2.weight")  # where payloads outweigh the coefficients and headers
-    gram, grams, shapes, names = stats_from_store(correlated[1])
-    plan = plan_budget(gram, grams, shapes, 0.2, task_names=names)
-    assert all(_basis_directions(plan, t) >= 2 for t in big)  # two shared directions explain the tasks
     uncorrelated = _family(tmp_path / "unc", rank=None, seed=3)
     build_store(
         uncorrelated.base, uncorrelated.tasks, make_method("pca", 1), tmp_path / "u", exclude=EXCLUDE, tensor_stats=True
     )
-    gram, grams, shapes, names = stats_from_store(tmp_path / "u")
-    loose = plan_budget(gram, grams, shapes, 0.2, task_names=names)
-    assert all(_basis_directions(loose, t) <= 1 for t in big)  # nothing is shared: atoms would only cost bytes
+    gain = {}
+    for label, stats in (("correlated", correlated[1]), ("uncorrelated", tmp_path / "u")):
+        gram, grams, shapes, names = stats_from_store(stats)
+        plan = plan_budget(gram, grams, shapes, 0.2, task_names=names)
+        no_bases = plan_budget(gram, grams, shapes, 0.2, task_names=names, atoms=[0], tensor_atoms=[])
+        gain[label] = no_bases.loss / plan.loss
+        if label == "correlated":
+            assert all(_basis_directions(plan, t) >= 2 for t in big)  # two shared directions explain the tasks
+    # bases pay most where tasks share directions; on unrelated tasks a basis is only a change of
+    # coordinates before quantising (it still helps a little: eigenvalues are never all equal)
+    assert gain["correlated"] > 8 and gain["uncorrelated"] < 4
 
 
 def test_estimates_match_the_built_store(correlated, tmp_path: Path) -> None:
@@ -175,6 +180,25 @@ def test_per_tensor_bases_are_planned_and_estimated_exactly(correlated, tmp_path
     np.testing.assert_allclose(measured, plan.task_bias(), rtol=0.02, atol=1e-4)
     mixed = plan_budget(gram, grams, shapes, 0.2, task_names=names)
     assert any(c.code.basis or c.code.tensor_atoms for c in mixed.choices)
+
+
+def test_int4_tensor_atoms_are_planned_with_their_rounding(correlated, tmp_path: Path) -> None:
+    """int4 atoms cost about half the bytes of int8 ones and add their rounding to the estimate,
+    which the built store confirms."""
+    fam, stats = correlated
+    gram, grams, shapes, names = stats_from_store(stats)
+    kw = {"atoms": [0], "codes": ("none",), "tensor_atoms": [2]}
+    int8 = plan_budget(gram, grams, shapes, 1.0, task_names=names, tensor_atom_codes=("int8",), **kw)
+    int4 = plan_budget(gram, grams, shapes, 1.0, task_names=names, tensor_atom_codes=("int4",), **kw)
+    assert all(str(c.code.atom_code) == "int4" for c in int4.choices if c.code.tensor_atoms)
+    assert int4.nbytes < int8.nbytes and (int4.task_bias() > int8.task_bias()).all()
+    store = build_for_budget(
+        fam.base, fam.tasks, tmp_path / "own4", 1.0, exclude=EXCLUDE, tensor_atom_codes=("int4",), **kw
+    )
+    measured = np.array([t["rel_error"] ** 2 for t in store.manifest["tasks"]])
+    np.testing.assert_allclose(measured, int4.task_bias(), rtol=0.15)
+    both = plan_budget(gram, grams, shapes, int4.nbytes, task_names=names, **kw)  # only int4 atoms fit
+    assert any(str(c.code.atom_code) == "int4" for c in both.choices if c.code.tensor_atoms)
 
 
 def test_estimate_plan_of_a_given_store(correlated, tmp_path: Path) -> None:

@@ -238,6 +238,33 @@ def test_per_tensor_bases(family, tmp_path: Path) -> None:
         TensorCode(True, parse_code("none"), tensor_atoms=2)
 
 
+def test_int4_tensor_atoms(family, tmp_path: Path) -> None:
+    """int4 atoms: exact residuals still reconstruct (they carry the rounding); without residuals the
+    error grows by the rounding, and the atoms' codes take half the bytes of int8 ones."""
+    V = dense(family)
+
+    def own(residual: str, atom_code: str) -> CodePlan:
+        return CodePlan(default=TensorCode(False, parse_code(residual), 2, parse_code(atom_code)))
+
+    exact = build(family, tmp_path, 0, own("fp32", "int4"), "int4-exact", chunk_elements=7)
+    np.testing.assert_allclose(task_matrix(exact, np.eye(5)), V, atol=1e-6 * np.abs(V).max())
+    entry = exact.manifest["residuals"]["tensors"]["embed.weight"]
+    assert entry["atom_code"] == "int4" and str(exact.residuals.codes["embed.weight"]) == "tensor basis M=2 int4 + fp32"
+    int8 = build(family, tmp_path, 0, own("none", "int8"), "own-int8")
+    int4 = build(family, tmp_path, 0, own("none", "int4"), "own-int4")
+    err8 = np.linalg.norm(task_matrix(int8, np.eye(5)) - V)
+    err4 = np.linalg.norm(task_matrix(int4, np.eye(5)) - V)
+    assert err4 > err8
+    b8, b4 = (s.manifest["residuals"]["payload_bytes"] for s in (int8, int4))
+    i8, i4 = parse_code("int8"), parse_code("int4")
+    saved = sum(2 * (nbytes(i8, int4.shape_of(n)) - nbytes(i4, int4.shape_of(n))) for n in layout(family))
+    assert b8 - b4 == saved > 0  # two atoms per tensor, each at half the code bytes (scales stay)
+    # a store written before atoms had a code reads them as int8
+    assert TensorCode.from_json({"basis": False, "tensor_atoms": 2, "residual": "none"}).atom_code == parse_code("int8")
+    with pytest.raises(TvbasisError, match="per-tensor atoms coded int2"):
+        TensorCode(False, parse_code("none"), 2, parse_code("int2"))
+
+
 def test_cli_tensor_atoms(family, tmp_path: Path) -> None:
     tasks = [a for t in family.tasks for a in ("--task", f"{t.name}={t.path}")]
     args = ["build", "--base", str(family.base), *tasks, "--method", "pca", "--exclude", "head.*", "-q"]
@@ -250,3 +277,11 @@ def test_cli_tensor_atoms(family, tmp_path: Path) -> None:
         app, [*args, "-M", "1", "--residual", "int8", "--tensor-atoms", "2", "--out", str(tmp_path / "b")]
     )
     assert res.exit_code == 2 and "needs -M 0" in res.output and not (tmp_path / "b").exists()
+    int4 = ["--tensor-atoms", "2", "--tensor-atom-code", "int4", "--out", str(tmp_path / "s4")]
+    res = runner.invoke(app, [*args, "-M", "0", "--residual", "int8", *int4])
+    assert res.exit_code == 0, res.output
+    assert "tensor basis M=2 int4 + int8" in open_store(tmp_path / "s4").summary()["codes"]
+    res = runner.invoke(
+        app, [*args, "-M", "0", "--residual", "int8", "--tensor-atom-code", "int4", "--out", str(tmp_path / "c")]
+    )
+    assert res.exit_code == 2 and "--tensor-atom-code applies with --tensor-atoms" in res.output

@@ -167,7 +167,11 @@ def build(
     ] = None,
     tensor_atoms: Annotated[
         int | None,
-        typer.Option(help="[--residual, with -M 0] give every tensor its own PCA basis of this many atoms (int8)."),
+        typer.Option(help="[--residual, with -M 0] give every tensor its own PCA basis of this many atoms."),
+    ] = None,
+    tensor_atom_code: Annotated[
+        str | None,
+        typer.Option(help="[--tensor-atoms] code of the per-tensor atoms: int8 (default) or int4."),
     ] = None,
     budget: Annotated[
         float | None,
@@ -220,6 +224,7 @@ def build(
                     (residual, "--residual"),
                     (dtype, "--dtype"),
                     (tensor_atoms, "--tensor-atoms"),
+                    (tensor_atom_code, "--tensor-atom-code"),
                 ],
             )
             if not quiet:
@@ -269,9 +274,16 @@ def build(
                 raise TvbasisError(
                     f"--tensor-atoms {tensor_atoms}: needs -M 0 (no global basis) and 1 <= atoms < T = {len(sources)}"
                 )
-            code_plan = CodePlan(default=TensorCode(tensor_atoms is None, spec, tensor_atoms or 0))
-        elif tensor_atoms is not None:
-            raise TvbasisError("--tensor-atoms applies with --residual only")
+            if tensor_atom_code is not None and tensor_atoms is None:
+                raise TvbasisError("--tensor-atom-code applies with --tensor-atoms only")
+            try:
+                atom_code = parse_code(tensor_atom_code or "int8")
+                tc = TensorCode(tensor_atoms is None, spec, tensor_atoms or 0, atom_code)
+            except TvbasisError as exc:
+                raise TvbasisError(f"--tensor-atom-code: {exc}") from None
+            code_plan = CodePlan(default=tc)
+        elif tensor_atoms is not None or tensor_atom_code is not None:
+            raise TvbasisError("--tensor-atoms and --tensor-atom-code apply with --residual only")
         runner = _engine(engine, scheduler, workers, trust_scheduler)
         try:
             store = build_store(

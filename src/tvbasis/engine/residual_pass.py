@@ -21,7 +21,7 @@ from tvbasis.codes import TensorKey, decode, encode
 from tvbasis.engine.streaming import _hash_rows
 from tvbasis.io.hashing import ContentHash
 from tvbasis.progress import progress
-from tvbasis.store.residuals import TENSOR_ATOM_CODE, ResidualWriter, TensorCode, whole_tensor
+from tvbasis.store.residuals import ResidualWriter, TensorCode, whole_tensor
 from tvbasis.tasks.taskvectors import Chunk, TaskVectorSet, plan_chunks
 
 #: ``chunk -> (numel, T)`` float64: the basis' reconstruction of every task on the chunk.
@@ -73,7 +73,7 @@ def residual_pass(
     ``hashers`` (base first, then each task) are fed the inputs' bytes, so the caller can check
     that they did not change since the Gram pass. ``tensor_bases`` holds, for each tensor with a
     basis of its own, its orthonormal PCA encoder ``B_n`` (T, m): its atoms ``X_n B_n`` are coded
-    (``TENSOR_ATOM_CODE``) and written, and its reconstruction is ``S_n B_n^T``."""
+    (with the tensor's ``atom_code``) and written, and its reconstruction is ``S_n B_n^T``."""
     T = tvs.n_tasks
     sums = TaskErrors(*(np.zeros(T) for _ in range(4)))
     names = tvs.task_names
@@ -119,13 +119,12 @@ def _tensor_basis(
     if chunk.start == 0:
         writer.write_coefficients(chunk.tensor, B.T.contiguous())
     S = X @ B
-    whole = whole_tensor(TENSOR_ATOM_CODE, shape)
+    atom_code = writer.codes[chunk.tensor].atom_code
+    whole = whole_tensor(atom_code, shape)
     block_shape = shape if whole else (chunk.stop - chunk.start, *shape[1:])
     stored = torch.empty_like(S)
     for j in range(S.shape[1]):
-        enc = encode(
-            TENSOR_ATOM_CODE, S[:, j].reshape(block_shape), TensorKey(chunk.tensor, "", 0 if whole else chunk.start)
-        )
+        enc = encode(atom_code, S[:, j].reshape(block_shape), TensorKey(chunk.tensor, "", 0 if whole else chunk.start))
         writer.write_atom(j, enc, chunk.start, whole)
         stored[:, j] = decode(enc).reshape(-1)
     return stored @ B.T

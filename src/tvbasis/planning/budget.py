@@ -39,7 +39,14 @@ from tvbasis.codes.core import row_view_shape
 from tvbasis.errors import TvbasisError
 from tvbasis.io.writer import TensorSpec, safetensors_header
 from tvbasis.planning.estimates import atom_bytes, coefficient_bytes
-from tvbasis.store.residuals import TENSOR_ATOM_CODE, CodePlan, TensorCode, payload_parts
+from tvbasis.store.residuals import (
+    NO_CODE,
+    TENSOR_ATOM_CODE,
+    TENSOR_ATOM_CODES,
+    CodePlan,
+    TensorCode,
+    payload_parts,
+)
 
 #: Residual codes the planner tries on every tensor; ``{seed}`` is the build's seed.
 DEFAULT_CODES: tuple[str, ...] = (
@@ -212,11 +219,13 @@ def plan_budget(
     seed: int = 0,
     noise_weight: float = DEFAULT_NOISE_WEIGHT,
     tensor_atoms: Sequence[int] | None = None,
+    tensor_atom_codes: Sequence[str] = TENSOR_ATOM_CODES,
 ) -> BudgetPlan:
     """The plan with the least estimated proxy loss within ``budget`` (a fraction of the T fp32
     task vectors' bytes if <= 1, else bytes), over M in ``atoms`` (default 0, 1, 2, 4 ... T - 1)
     for the global basis, and per tensor over its own bases of ``tensor_atoms`` atoms (default
-    the same sizes but 0; a tensor with its own basis is not covered by the global one)."""
+    the same sizes but 0; a tensor with its own basis is not covered by the global one), their
+    atoms coded with each of ``tensor_atom_codes``."""
     T = gram.shape[0]
     names = list(tensor_grams)
     if set(names) != set(shapes):
@@ -228,6 +237,7 @@ def plan_budget(
     if noise_weight < 0:
         raise TvbasisError(f"--noise-weight {noise_weight}: must be 0 or more")
     specs = [parse_code(c.format(seed=seed)) for c in codes]
+    atom_codes = [TensorCode(False, NO_CODE, 1, parse_code(c)).atom_code for c in tensor_atom_codes]  # checked
     if not any(s.name == "none" for s in specs):
         specs.insert(0, CodeSpec("none"))
     sq_norm = np.where(np.diag(gram) > 0, np.diag(gram), 1.0)
@@ -243,7 +253,18 @@ def plan_budget(
         encoder, decoder = _pca(gram, m) if m else (np.zeros((T, 0)), np.zeros((0, T)))
         overhead = _overhead(T, shapes, m, [str(s) for s in specs])
         options = _tensor_options(
-            names, shapes, tensor_grams, encoder, decoder, m, specs, sq_norm, noise_weight, tensor_atoms, own_energy
+            names,
+            shapes,
+            tensor_grams,
+            encoder,
+            decoder,
+            m,
+            specs,
+            sq_norm,
+            noise_weight,
+            tensor_atoms,
+            own_energy,
+            atom_codes,
         )
         plan = _knapsack(options, budget_bytes - overhead)
         if plan is None:
@@ -279,7 +300,7 @@ def estimate_plan(
     for n in names:
         tc = codes.of(n)
         if tc.basis and not n_atoms:
-            tc = TensorCode(False, tc.residual, tc.tensor_atoms)
+            tc = TensorCode(False, tc.residual, tc.tensor_atoms, tc.atom_code)
         (options,) = _tensor_options(
             [n],
             shapes,
@@ -291,6 +312,7 @@ def estimate_plan(
             sq_norm,
             noise_weight,
             [tc.tensor_atoms] if tc.tensor_atoms else [],
+            atom_codes=[tc.atom_code],
         )
         choices.append(next(c for _, c in options if c.code == tc))
     original = 4 * T * sum(math.prod(s) for s in shapes.values())
@@ -312,9 +334,14 @@ def _tensor_options(
     noise_weight: float,
     tensor_atoms: Sequence[int] = (),
     own_energy: dict[tuple[str, int], np.ndarray] | None = None,
+    atom_codes: Sequence[CodeSpec] = (TENSOR_ATOM_CODE,),
 ) -> list[list[tuple[float, Choice]]]:
     """Per tensor, every candidate as ``(mean proxy loss, Choice)``. ``own_energy`` caches the
-    residual energies of the tensors' own bases, which do not depend on the global basis."""
+    residual energies of the tensors' own bases, which do not depend on the global basis.
+
+    A tensor's own atoms are coded with each of ``atom_codes``; their rounding adds the code's
+    relative error of the energy the basis captures to the residual (the atoms are orthogonal, so
+    each task gets its share ``sum_j lambda_j B_tj^2``, which is what it has captured)."""
     own_energy = {} if own_energy is None else own_energy
     options = []
     for n in names:
@@ -322,25 +349,30 @@ def _tensor_options(
         rows, row_numel = row_view_shape(shape)
         G_n = tensor_grams[n]
         T = len(sq_norm)
-        # (global basis?, own atoms) -> (residual energy per task, bytes of the basis part)
-        bases: dict[tuple[bool, int], tuple[np.ndarray, int]] = {(False, 0): (np.clip(np.diag(G_n), 0.0, None), 0)}
+        energy_n = np.clip(np.diag(G_n), 0.0, None)
+        # (global basis?, own atoms, their code) -> (residual energy per task, bytes of the basis part)
+        bases: dict[tuple[bool, int, CodeSpec], tuple[np.ndarray, int]] = {(False, 0, NO_CODE): (energy_n, 0)}
         if m:
-            bases[(True, 0)] = (_residual_energy(G_n, encoder, decoder), m * atom_bytes(shape, ATOM_DTYPE))
+            bases[(True, 0, NO_CODE)] = (_residual_energy(G_n, encoder, decoder), m * atom_bytes(shape, ATOM_DTYPE))
         for own in tensor_atoms:
             if own < T:
                 if (n, own) not in own_energy:
                     own_energy[(n, own)] = _residual_energy(G_n, *_pca(G_n, own))
-                own_bytes = own * (nbytes(TENSOR_ATOM_CODE, shape) + 8 * T + TENSOR_ATOM_HEADER)
-                bases[(False, own)] = (own_energy[(n, own)], own_bytes)
+                residual = own_energy[(n, own)]
+                for atom_code in atom_codes:
+                    rounding = relative_error(atom_code, row_numel, rows)[0] * np.clip(energy_n - residual, 0.0, None)
+                    own_bytes = own * (nbytes(atom_code, shape) + 8 * T + TENSOR_ATOM_HEADER)
+                    bases[(False, own, atom_code)] = (residual + rounding, own_bytes)
         rel = np.array([relative_error(spec, row_numel, rows) for spec in specs])  # (codes, 2)
         code_bytes = [T * nbytes(spec, shape) for spec in specs]
         per_tensor = []
-        for (basis, own), (energy, basis_bytes) in bases.items():
+        for (basis, own, atom_code), (energy, basis_bytes) in bases.items():
             share = energy / sq_norm
             bias, var = rel[:, :1] * share, rel[:, 1:] * share  # (codes, T)
             losses = (bias + noise_weight * var).mean(axis=1)
             for k, spec in enumerate(specs):
-                choice = Choice(n, TensorCode(basis, spec, own), basis_bytes + code_bytes[k], bias[k], var[k])
+                tc = TensorCode(basis, spec, own, atom_code) if own else TensorCode(basis, spec)
+                choice = Choice(n, tc, basis_bytes + code_bytes[k], bias[k], var[k])
                 per_tensor.append((float(losses[k]), choice))
         options.append(per_tensor)
     return options
@@ -439,11 +471,13 @@ def build_for_budget(
     atoms: Sequence[int] | None = None,
     codes: Sequence[str] = DEFAULT_CODES,
     tensor_atoms: Sequence[int] | None = None,
+    tensor_atom_codes: Sequence[str] = TENSOR_ATOM_CODES,
     chunk_elements: int | None = None,
     overwrite: bool = False,
     engine: Any = None,
 ) -> Any:
-    """Plan every tensor's code for ``budget`` and build that store (int8 atoms, coded residuals).
+    """Plan every tensor's code for ``budget`` and build that store (int8 global atoms, per-tensor
+    atoms in int8 or int4, coded residuals).
 
     The statistics come from ``stats_store`` (a store of the same inputs built with
     ``--tensor-stats``; its content hashes are checked while building) or from a Gram pass
@@ -495,6 +529,7 @@ def build_for_budget(
             seed=seed,
             noise_weight=noise_weight,
             tensor_atoms=tensor_atoms,
+            tensor_atom_codes=tensor_atom_codes,
         )
         store = build_store(
             base,

@@ -35,34 +35,50 @@ RESIDUALS_DIR = "residuals"
 NO_CODE = CodeSpec("none")
 
 
+#: Default code of a per-tensor basis' atoms (their rounding is corrected by the residual like the
+#: global atoms'); ``TENSOR_ATOM_CODES`` are the ones a store may use.
+TENSOR_ATOM_CODE = CodeSpec("int8")
+TENSOR_ATOM_CODES = ("int8", "int4")
+
+
 @dataclass(frozen=True)
 class TensorCode:
     """How one tensor is stored: the global basis covers it (``basis``), or a basis of its own with
-    ``tensor_atoms`` atoms (its PCA, from ``G_n``), or neither; and its residuals' code."""
+    ``tensor_atoms`` atoms (its PCA, from ``G_n``, coded with ``atom_code``), or neither; and its
+    residuals' code."""
 
     basis: bool = True
     residual: CodeSpec = NO_CODE
     tensor_atoms: int = 0
+    atom_code: CodeSpec = TENSOR_ATOM_CODE
 
     def __post_init__(self) -> None:
         if self.tensor_atoms < 0 or (self.basis and self.tensor_atoms):
             raise TvbasisError(f"{self}: a tensor is covered by the global basis or by its own, not both")
+        if self.atom_code.name not in TENSOR_ATOM_CODES or self.atom_code.params:
+            raise TvbasisError(f"per-tensor atoms coded {self.atom_code}: choose one of {', '.join(TENSOR_ATOM_CODES)}")
 
     def to_json(self) -> dict[str, Any]:
-        extra = {"tensor_atoms": self.tensor_atoms} if self.tensor_atoms else {}
+        extra: dict[str, Any] = {}
+        if self.tensor_atoms:
+            extra = {"tensor_atoms": self.tensor_atoms, "atom_code": str(self.atom_code)}
         return {"basis": self.basis, **extra, "residual": str(self.residual)}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> TensorCode:
-        return cls(bool(data["basis"]), parse_code(str(data["residual"])), int(data.get("tensor_atoms", 0)))
+        atom_code = parse_code(str(data.get("atom_code", TENSOR_ATOM_CODE)))  # stores before it: int8
+        return cls(bool(data["basis"]), parse_code(str(data["residual"])), int(data.get("tensor_atoms", 0)), atom_code)
 
     def __str__(self) -> str:
-        head = "basis + " if self.basis else f"tensor basis M={self.tensor_atoms} + " if self.tensor_atoms else ""
+        head = ""
+        if self.basis:
+            head = "basis + "
+        elif self.tensor_atoms:
+            atoms = "" if self.atom_code == TENSOR_ATOM_CODE else f" {self.atom_code}"
+            head = f"tensor basis M={self.tensor_atoms}{atoms} + "
         return head + str(self.residual)
 
 
-#: Code of a per-tensor basis' atoms (their rounding is corrected by the residual like the global atoms').
-TENSOR_ATOM_CODE = CodeSpec("int8")
 TENSOR_BASES = f"{RESIDUALS_DIR}/tensor-bases.safetensors"
 
 
@@ -171,7 +187,7 @@ class ResidualWriter:
     @cached_property
     def atom_parts(self) -> dict[str, list[PayloadPart]]:
         """The payload parts of one per-tensor atom, for tensors with a basis of their own."""
-        return {n: payload_parts(TENSOR_ATOM_CODE, self.shapes[n]) for n, tc in self.codes.items() if tc.tensor_atoms}
+        return {n: payload_parts(tc.atom_code, self.shapes[n]) for n, tc in self.codes.items() if tc.tensor_atoms}
 
     def create(self) -> None:
         (self.directory / RESIDUALS_DIR).mkdir(parents=True, exist_ok=True)
@@ -223,7 +239,7 @@ class ResidualWriter:
     def manifest_entry(self) -> dict[str, Any]:
         T = len(self.task_names)
         basis_bytes = sum(
-            tc.tensor_atoms * (nbytes(TENSOR_ATOM_CODE, self.shapes[n]) + 8 * T)
+            tc.tensor_atoms * (nbytes(tc.atom_code, self.shapes[n]) + 8 * T)
             for n, tc in self.codes.items()
             if tc.tensor_atoms
         )
@@ -263,14 +279,15 @@ class ResidualReader:
     def _tensor_basis_rows(self, chunk: Chunk, weights: np.ndarray) -> torch.Tensor | None:
         """``S_n (W_n a)`` of a tensor with its own basis on ``chunk``'s rows, or None."""
         m = self.codes[chunk.tensor].tensor_atoms
+        atom_code = self.codes[chunk.tensor].atom_code
         if not m:
             return None
         reader = self._tensor_bases
         assert reader is not None
         c = reader.read(coefficients_key(chunk.tensor)).to(torch.float64) @ torch.from_numpy(weights)
         shape = self.shapes[chunk.tensor]
-        parts = payload_parts(TENSOR_ATOM_CODE, shape)
-        whole = whole_tensor(TENSOR_ATOM_CODE, shape)
+        parts = payload_parts(atom_code, shape)
+        whole = whole_tensor(atom_code, shape)
         out = torch.zeros(chunk.numel, dtype=torch.float64)
         for j in range(m):
             payload = {
@@ -280,11 +297,11 @@ class ResidualReader:
                 for p in parts
             }
             if whole:
-                atom = decode(Encoded(TENSOR_ATOM_CODE, shape, TensorKey(chunk.tensor), payload)).reshape(-1)
+                atom = decode(Encoded(atom_code, shape, TensorKey(chunk.tensor), payload)).reshape(-1)
                 atom = atom[chunk.start * chunk.row_numel : chunk.stop * chunk.row_numel]
             else:
                 block = (chunk.stop - chunk.start, *shape[1:])
-                atom = decode(Encoded(TENSOR_ATOM_CODE, block, TensorKey(chunk.tensor), payload)).reshape(-1)
+                atom = decode(Encoded(atom_code, block, TensorKey(chunk.tensor), payload)).reshape(-1)
             out += float(c[j]) * atom
         return out
 
