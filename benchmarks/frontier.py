@@ -67,10 +67,17 @@ BUDGETS = (0.004, 0.008, 0.016, 0.03, 0.06, 0.12)
 #: The planner's weight of unbiased error for planned rows whose label names none (the weight the
 #: first frontier was built with); other weights are labelled, e.g. ``--noise-weight 0.00390625``.
 UNLABELLED_NOISE_WEIGHT = 1 / 64
+#: Per-tensor atom codes the planner may use, for rows whose config names none (they were planned
+#: before int4 atoms existed); ``--tensor-atom-codes`` records others in the config and label.
+UNLABELLED_TENSOR_ATOM_CODES = ("int8",)
 
 
 def configurations(
-    kinds: list[str], seeds: tuple[int, ...], budgets: tuple[float, ...] = BUDGETS, noise_weight: float | None = None
+    kinds: list[str],
+    seeds: tuple[int, ...],
+    budgets: tuple[float, ...] = BUDGETS,
+    noise_weight: float | None = None,
+    tensor_atom_codes: tuple[str, ...] | None = None,
 ) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     if "single" in kinds:
@@ -88,6 +95,9 @@ def configurations(
             if noise_weight is not None:
                 label += f", noise weight 1/{round(1 / noise_weight)}"
                 extra["noise_weight"] = noise_weight
+            if tensor_atom_codes is not None:
+                label += f", {'/'.join(tensor_atom_codes)} tensor atoms"
+                extra["tensor_atom_codes"] = list(tensor_atom_codes)
             for seed in seeds:
                 out.append({"label": label, "kind": "planned", "budget": budget, "seed": seed, **extra})
     return out
@@ -114,6 +124,7 @@ def build_config(cfg: dict[str, Any], base: Path, sources: list[TaskSource], pat
         seed=cfg["seed"],
         overwrite=True,
         noise_weight=cfg.get("noise_weight", UNLABELLED_NOISE_WEIGHT),
+        tensor_atom_codes=tuple(cfg.get("tensor_atom_codes", UNLABELLED_TENSOR_ATOM_CODES)),
     )
 
 
@@ -213,6 +224,9 @@ def main() -> None:
     ap.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS), help="planned budgets (fractions)")
     ap.add_argument("--noise-weight", type=float, default=None, help="planner's weight of unbiased error")
     ap.add_argument(
+        "--tensor-atom-codes", nargs="+", default=None, help="codes the planner may give per-tensor atoms (int8 int4)"
+    )
+    ap.add_argument(
         "--full-val", action="store_true", help="choose lambdas on the whole validation splits (use its own --out)"
     )
     ap.add_argument("--only", nargs="*", default=None, help="labels to run (default: all)")
@@ -265,7 +279,8 @@ def main() -> None:
     if args.backfill_matched:
         backfill_matched(results_path, args, base, sources, plan_store, ev, names, ref, limits, log)
         return
-    for cfg in configurations(args.configs, tuple(args.seeds), tuple(args.budgets), args.noise_weight):
+    atom_codes = tuple(args.tensor_atom_codes) if args.tensor_atom_codes else None
+    for cfg in configurations(args.configs, tuple(args.seeds), tuple(args.budgets), args.noise_weight, atom_codes):
         if key(cfg) in done or (args.only and cfg["label"] not in args.only):
             continue
         path = args.out / "stores" / "current"

@@ -35,7 +35,7 @@ from tvbasis.tasks import TaskSource
 
 WIDTH, LAYERS, RANK = 192, 4, 6
 BUDGETS = (0.004, 0.008, 0.016, 0.03, 0.06, 0.12)
-SINGLE = [
+SINGLE: list[tuple] = [
     ("int4", 0, "int4"),
     ("int2 (Lloyd-Max)", 0, "lloydmax2"),
     ("sign", 0, "sign"),
@@ -49,6 +49,7 @@ SINGLE = [
     ("pca M=8", 8, None),
     ("pca M=16", 16, None),
     ("tensor pca M=6", -6, None),
+    ("tensor pca M=6, int4 atoms", -6, None, "int4"),  # (label, M, residual, per-tensor atoms' code)
 ]
 
 
@@ -93,10 +94,10 @@ def write_collection(root: Path, n_tasks: int, noise: float, seed: int = 0) -> t
     return root / "base.safetensors", sources
 
 
-def single_plan(m: int, residual: str | None) -> tuple[CodePlan | None, int]:
+def single_plan(m: int, residual: str | None, atom_code: str = "int8") -> tuple[CodePlan | None, int]:
     spec = parse_code(residual or "none")
     if m < 0:
-        return CodePlan(default=TensorCode(False, spec, -m)), 0
+        return CodePlan(default=TensorCode(False, spec, -m, parse_code(atom_code))), 0
     if m == 0:
         return CodePlan(default=TensorCode(False, spec)), 0
     return (CodePlan(default=TensorCode(True, spec)) if residual else None), m
@@ -141,8 +142,8 @@ def main() -> None:
         )
 
     path = args.out / "store"
-    for label, m, residual in SINGLE:
-        codes, n_atoms = single_plan(m, residual)
+    for label, m, residual, *atom_code in SINGLE:
+        codes, n_atoms = single_plan(m, residual, *atom_code)
         store = build_store(base, sources, make_method("pca", n_atoms), path, overwrite=True, codes=codes)
         plan = estimate_plan(gram, grams, shape_of, codes or CodePlan(), n_atoms, task_names=names)
         record(label, store, plan)
