@@ -181,10 +181,12 @@ def plot(groups: dict[str, list[dict[str, Any]]], path: Path) -> None:
         panels.append(("effect_matched_min", "worst task's negation, at the full vectors' lambdas"))
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5), sharex=True)
     planned = {k: v for k, v in groups.items() if v[0]["config"]["kind"] == "planned"}
-    by_weight: dict[float, list[list[dict[str, Any]]]] = {}
-    for rs in planned.values():  # one line per noise weight the plans were made with
-        # rows without a weight were planned with 1/64 (frontier.UNLABELLED_NOISE_WEIGHT)
-        by_weight.setdefault(rs[0]["config"].get("noise_weight", 1 / 64), []).append(rs)
+    by_weight: dict[tuple[float, str], list[list[dict[str, Any]]]] = {}
+    for rs in planned.values():  # one line per noise weight (and atom codes) the plans were made with
+        # rows without them were planned with 1/64 and int8 atoms (frontier.UNLABELLED_*)
+        cfg = rs[0]["config"]
+        atoms = "/".join(cfg.get("tensor_atom_codes", ["int8"]))
+        by_weight.setdefault((cfg.get("noise_weight", 1 / 64), atoms), []).append(rs)
     for ax, (metric, title) in zip(axes, panels, strict=True):
         for label, rs in groups.items():
             rs = [r for r in rs if metric in r]
@@ -194,14 +196,14 @@ def plot(groups: dict[str, list[dict[str, Any]]], path: Path) -> None:
             y = [r[metric] for r in rs]
             ax.scatter(x, y, s=14, color="tab:blue", alpha=0.6)
             ax.annotate(label, (np.mean(x), np.mean(y)), fontsize=6, xytext=(3, 3), textcoords="offset points")
-        for i, (nu, runs) in enumerate(sorted(by_weight.items())):
-            color = ("k", "tab:red", "tab:orange", "tab:green")[i % 4]
+        for i, ((nu, atoms), runs) in enumerate(sorted(by_weight.items())):
+            color = ("k", "tab:purple", "tab:red", "tab:orange")[i % 4]
             measured = [[r for r in rs if metric in r] for rs in runs]
             ordered = sorted((rs for rs in measured if rs), key=lambda rs: rs[0]["bytes_ratio"])
             xs = [np.mean([100 * r["bytes_ratio"] for r in rs]) for rs in ordered]
             ys = [np.mean([r[metric] for r in rs]) for rs in ordered]
             lo = [min(r[metric] for r in rs) for rs in ordered]
-            name = f"planned, noise weight 1/{round(1 / nu)}"
+            name = f"planned, noise weight 1/{round(1 / nu)}" + (f", {atoms} tensor atoms" if atoms != "int8" else "")
             ax.plot(xs, ys, "-o", color=color, markersize=4, label=f"{name}: mean of seeds")
             ax.plot(xs, lo, "--", color=color, linewidth=0.8, label=f"{name}: worst seed")
         ax.set_xscale("log")
