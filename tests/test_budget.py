@@ -24,6 +24,7 @@ from tvbasis.planning.budget import (
     relative_error,
     stats_from_store,
 )
+from tvbasis.store import open_store
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 EXCLUDE = ["head.*"]
@@ -216,3 +217,24 @@ def test_estimate_plan_of_a_given_store(correlated, tmp_path: Path) -> None:
     measured = np.array([t["rel_error"] ** 2 for t in store.manifest["tasks"]])
     np.testing.assert_allclose(est.task_bias(), measured, rtol=0.3)
     assert est.task_variance().max() == 0
+
+
+def test_worst_task_objective(correlated, tmp_path: Path) -> None:
+    """Minimising the worst task trades mean loss for the worst task's, within the same budget."""
+    fam, stats = correlated
+    gram, grams, shapes, names = stats_from_store(stats)
+    mean = plan_budget(gram, grams, shapes, 0.1, task_names=names)
+    worst = plan_budget(gram, grams, shapes, 0.1, task_names=names, objective="worst")
+    assert worst.nbytes <= worst.budget_bytes and mean.nbytes <= mean.budget_bytes
+    assert worst.worst_loss < mean.worst_loss and mean.loss < worst.loss
+    assert worst.summary()["objective"] == "worst" and mean.summary()["objective"] == "mean"
+    res = runner.invoke(app, ["plan", str(stats), "--budget", "0.1", "--objective", "worst", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["estimated_worst_loss"] == pytest.approx(worst.worst_loss)
+    res = runner.invoke(app, ["plan", str(stats), "--budget", "0.1", "--objective", "max"])
+    assert res.exit_code == 2 and "--objective 'max'" in res.output
+    tasks = [a for t in fam.tasks for a in ("--task", f"{t.name}={t.path}")]
+    args = ["build", "--base", str(fam.base), *tasks, "--exclude", "head.*", "--budget", "0.1", "--objective", "worst"]
+    res = runner.invoke(app, [*args, "--plan-from", str(stats), "--out", str(tmp_path / "w"), "-q"])
+    assert res.exit_code == 0, res.output
+    assert open_store(tmp_path / "w").manifest["budget_plan"]["objective"] == "worst"

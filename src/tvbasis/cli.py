@@ -60,6 +60,9 @@ METHOD_OPTIONS: dict[str, set[str]] = {
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 #: ``planning.budget.DEFAULT_NOISE_WEIGHT``, repeated so that ``--help`` does not import torch.
 PLANNER_NOISE_WEIGHT = 1 / 256
+PlanObjective = Annotated[
+    str, typer.Option("--objective", help="[--budget] minimise the tasks' mean estimated loss, or the worst task's.")
+]
 
 
 def _one_line(message: str) -> str:
@@ -187,6 +190,7 @@ def build(
     noise_weight: Annotated[
         float, typer.Option(help="[--budget] weight of unbiased (random) error against biased error.")
     ] = PLANNER_NOISE_WEIGHT,
+    objective: PlanObjective = "mean",
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -213,6 +217,7 @@ def build(
                 budget,
                 plan_from,
                 noise_weight,
+                objective,
                 seed,
                 include or rec.include,
                 exclude or rec.exclude,
@@ -316,6 +321,7 @@ def _build_for_budget(
     budget: float,
     plan_from: Path | None,
     noise_weight: float,
+    objective: str,
     seed: int | None,
     include: list[str],
     exclude: list[str],
@@ -340,6 +346,7 @@ def _build_for_budget(
         stats_store=plan_from,
         seed=seed or 0,
         noise_weight=noise_weight,
+        objective=objective,
         chunk_elements=chunk_elements,
         overwrite=overwrite,
     )
@@ -837,6 +844,7 @@ def plan(
     noise_weight: Annotated[
         float, typer.Option(help="[--budget] weight of unbiased (random) error against biased error.")
     ] = PLANNER_NOISE_WEIGHT,
+    objective: PlanObjective = "mean",
     seed: Annotated[int, typer.Option(help="[--budget] seed of the random keep codes.")] = 0,
 ) -> None:
     """Per tensor, from the stored matrices only: energy share, the store basis's error, and a per-tensor PCA's.
@@ -846,7 +854,7 @@ def plan(
     from tvbasis.store import open_store
 
     if budget is not None:
-        _print_budget_plan(store, budget, atoms, noise_weight, seed, as_json)
+        _print_budget_plan(store, budget, atoms, noise_weight, objective, seed, as_json)
         return
     try:
         est = estimate_store(open_store(store), atoms or ())
@@ -883,14 +891,22 @@ def plan(
 
 
 def _print_budget_plan(
-    store: Path, budget: float, atoms: list[int] | None, noise_weight: float, seed: int, as_json: bool
+    store: Path, budget: float, atoms: list[int] | None, noise_weight: float, objective: str, seed: int, as_json: bool
 ) -> None:
     from tvbasis.planning.budget import plan_budget, stats_from_store
 
     try:
         gram, grams, shapes, names = stats_from_store(store)
         p = plan_budget(
-            gram, grams, shapes, budget, task_names=names, atoms=atoms or None, seed=seed, noise_weight=noise_weight
+            gram,
+            grams,
+            shapes,
+            budget,
+            task_names=names,
+            atoms=atoms or None,
+            seed=seed,
+            noise_weight=noise_weight,
+            objective=objective,
         )
     except TvbasisError as exc:
         _fail(exc)
@@ -914,7 +930,14 @@ def _print_budget_plan(
         table.add_row(escape(code), str(g["tensors"]), f"{int(g['bytes']):,}", f"{g['loss']:.4f}")
     table.add_row("[bold]headers, matrices, manifest[/]", "", f"{p.overhead_bytes:,}", "")
     out.print(table)
-    tasks = Table("task", "est. bias", "est. variance", "est. loss")
+    tasks = Table(
+        "task",
+        "est. bias",
+        "est. variance",
+        "est. loss",
+        caption=f"minimised: the {'worst task' if objective == 'worst' else 'mean over tasks'} "
+        f"(mean {p.loss:.4f}, worst {p.worst_loss:.4f})",
+    )
     for n, t in summary["tasks"].items():
         tasks.add_row(escape(str(n)), f"{t['bias']:.4f}", f"{t['variance']:.3g}", f"{t['loss']:.4f}")
     out.print(tasks)

@@ -66,6 +66,8 @@ DEFAULT_CODES: tuple[str, ...] = (
 )
 #: Ranks codes closest to measured per-task negation and gain (docs/frontier.md).
 DEFAULT_NOISE_WEIGHT = 1 / 256
+#: What a plan minimises over tasks: the mean loss, or the worst task's.
+OBJECTIVES = ("mean", "worst")
 #: Atoms of a planned store are int8 (the residuals correct their rounding).
 ATOM_DTYPE = "int8"
 #: Bytes of a store beyond payloads, headers and matrices: model card and manifest (an upper
@@ -121,6 +123,7 @@ class BudgetPlan:
     overhead_bytes: int
     noise_weight: float
     task_names: list[str]
+    objective: str = "mean"
 
     @property
     def codes(self) -> CodePlan:
@@ -143,6 +146,15 @@ class BudgetPlan:
     def loss(self) -> float:
         return float(self.task_loss().mean())
 
+    @property
+    def worst_loss(self) -> float:
+        return float(self.task_loss().max())
+
+    @property
+    def score(self) -> float:
+        """What the plan minimises: the mean or the worst task's loss."""
+        return self.worst_loss if self.objective == "worst" else self.loss
+
     def summary(self) -> dict[str, Any]:
         """What ``tvbasis plan --budget --json`` prints."""
         groups: dict[str, dict[str, float]] = {}
@@ -157,7 +169,9 @@ class BudgetPlan:
             "estimated_bytes": self.nbytes,
             "ratio": self.nbytes / self.original_bytes,
             "noise_weight": self.noise_weight,
+            "objective": self.objective,
             "estimated_loss": self.loss,
+            "estimated_worst_loss": self.worst_loss,
             "tasks": {
                 n: {"bias": float(b), "variance": float(v), "loss": float(lo)}
                 for n, b, v, lo in zip(
@@ -220,12 +234,14 @@ def plan_budget(
     noise_weight: float = DEFAULT_NOISE_WEIGHT,
     tensor_atoms: Sequence[int] | None = None,
     tensor_atom_codes: Sequence[str] = TENSOR_ATOM_CODES,
+    objective: str = "mean",
 ) -> BudgetPlan:
     """The plan with the least estimated proxy loss within ``budget`` (a fraction of the T fp32
     task vectors' bytes if <= 1, else bytes), over M in ``atoms`` (default 0, 1, 2, 4 ... T - 1)
     for the global basis, and per tensor over its own bases of ``tensor_atoms`` atoms (default
     the same sizes but 0; a tensor with its own basis is not covered by the global one), their
-    atoms coded with each of ``tensor_atom_codes``."""
+    atoms coded with each of ``tensor_atom_codes``. ``objective`` is the loss minimised: the mean
+    over tasks, or the worst task's (``worst``, by reweighting tasks; see ``_worst_case``)."""
     T = gram.shape[0]
     names = list(tensor_grams)
     if set(names) != set(shapes):
@@ -236,6 +252,8 @@ def plan_budget(
         raise TvbasisError(f"--budget {budget}: must be positive (a fraction of the fp32 task vectors, or bytes)")
     if noise_weight < 0:
         raise TvbasisError(f"--noise-weight {noise_weight}: must be 0 or more")
+    if objective not in OBJECTIVES:
+        raise TvbasisError(f"--objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")
     specs = [parse_code(c.format(seed=seed)) for c in codes]
     atom_codes = [TensorCode(False, NO_CODE, 1, parse_code(c)).atom_code for c in tensor_atom_codes]  # checked
     if not any(s.name == "none" for s in specs):
@@ -266,11 +284,15 @@ def plan_budget(
             own_energy,
             atom_codes,
         )
-        plan = _knapsack(options, budget_bytes - overhead)
+        if objective == "worst":
+            plan = _worst_case(options, budget_bytes - overhead, noise_weight)
+        else:
+            plan = _knapsack(options, budget_bytes - overhead)
         if plan is None:
             continue
-        candidate = BudgetPlan(m, plan, budget_bytes, original, overhead, noise_weight, list(task_names or range(T)))
-        if best is None or candidate.loss < best.loss:
+        names_ = list(task_names or range(T))
+        candidate = BudgetPlan(m, plan, budget_bytes, original, overhead, noise_weight, names_, objective)
+        if best is None or candidate.score < best.score:
             best = candidate
     if best is None:
         raise TvbasisError(
@@ -378,6 +400,34 @@ def _tensor_options(
     return options
 
 
+def _worst_case(
+    options: list[list[tuple[float, Choice]]], budget: int, noise_weight: float, rounds: int = 16
+) -> list[Choice] | None:
+    """Choices that keep the worst task's loss low: multiplicative weights over tasks.
+
+    Each round solves the knapsack for a weighted mean of the tasks' losses, then raises the
+    weights of the tasks that lose most; the plan with the smallest worst-task loss is kept. The
+    first round weighs tasks equally, so the result is never worse on the worst task than the
+    mean objective's plan."""
+    per_task = [np.stack([c.bias + noise_weight * c.variance for _, c in opts]) for opts in options]
+    weights = np.full(per_task[0].shape[1], 1.0 / per_task[0].shape[1])
+    best, best_worst = None, np.inf
+    for _ in range(rounds):
+        weighted = [
+            [(float(lo), c) for lo, (_, c) in zip(losses @ weights, opts, strict=True)]
+            for losses, opts in zip(per_task, options, strict=True)
+        ]
+        plan = _knapsack(weighted, budget)
+        if plan is None:
+            return None
+        task_loss = np.sum([c.bias + noise_weight * c.variance for c in plan], axis=0)
+        if task_loss.max() < best_worst:
+            best, best_worst = plan, float(task_loss.max())
+        weights = weights * np.exp(2.0 * task_loss / max(float(task_loss.max()), 1e-30))
+        weights /= weights.sum()
+    return best
+
+
 def _knapsack(options: list[list[tuple[float, Choice]]], budget: int) -> list[Choice] | None:
     """One choice per tensor minimising the summed loss with summed bytes <= ``budget`` (Lagrangian bisection).
 
@@ -472,6 +522,7 @@ def build_for_budget(
     codes: Sequence[str] = DEFAULT_CODES,
     tensor_atoms: Sequence[int] | None = None,
     tensor_atom_codes: Sequence[str] = TENSOR_ATOM_CODES,
+    objective: str = "mean",
     chunk_elements: int | None = None,
     overwrite: bool = False,
     engine: Any = None,
@@ -530,6 +581,7 @@ def build_for_budget(
             noise_weight=noise_weight,
             tensor_atoms=tensor_atoms,
             tensor_atom_codes=tensor_atom_codes,
+            objective=objective,
         )
         store = build_store(
             base,
