@@ -33,7 +33,11 @@ def tiny_bert(
         intermediate_size=32,
         max_position_embeddings=32,
     )
-    model = transformers.BertModel(config) if delta_from is None else transformers.BertModel.from_pretrained(delta_from)
+    model = (
+        transformers.BertModel(config)
+        if delta_from is None
+        else transformers.BertModel.from_pretrained(delta_from, use_safetensors=True)
+    )
     if scale:
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
@@ -61,10 +65,10 @@ def test_edited_hf_directory_loads_with_transformers(tmp_path: Path, shard: str 
         index = json.loads((out / "model.safetensors.index.json").read_text())
         assert index["weight_map"] == json.loads((base / "model.safetensors.index.json").read_text())["weight_map"]
 
-    edited = transformers.AutoModel.from_pretrained(out)
-    b = transformers.AutoModel.from_pretrained(base).state_dict()
-    f0 = transformers.AutoModel.from_pretrained(tasks[0].path).state_dict()
-    f2 = transformers.AutoModel.from_pretrained(tasks[2].path).state_dict()
+    edited = transformers.AutoModel.from_pretrained(out, use_safetensors=True)
+    b = transformers.AutoModel.from_pretrained(base, use_safetensors=True).state_dict()
+    f0 = transformers.AutoModel.from_pretrained(tasks[0].path, use_safetensors=True).state_dict()
+    f2 = transformers.AutoModel.from_pretrained(tasks[2].path, use_safetensors=True).state_dict()
     for name, value in edited.state_dict().items():
         if value.is_floating_point():
             expected = b[name] + (f0[name] - b[name]) - 0.5 * (f2[name] - b[name])
@@ -91,7 +95,7 @@ def test_bin_directory_base_gives_safetensors_output(tmp_path: Path) -> None:
     out = edit_model(bin_base, store, task_coefficients(store.decoder, np.array([1.0, 0.0])), tmp_path / "out")
     assert (out / "model.safetensors").is_file() and not (out / "pytorch_model.bin").exists()
     assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
-    edited = transformers.AutoModel.from_pretrained(out).state_dict()
-    f0 = transformers.AutoModel.from_pretrained(tasks[0].path).state_dict()
+    edited = transformers.AutoModel.from_pretrained(out, use_safetensors=True).state_dict()
+    f0 = transformers.AutoModel.from_pretrained(tasks[0].path, use_safetensors=True).state_dict()
     for name, value in edited.items():
         torch.testing.assert_close(value, f0[name], atol=1e-5, rtol=0)

@@ -81,7 +81,9 @@ def make_adapter(base: Path, out: Path, cls_name: str, settings: dict, bin_file:
     """Save a LoRA adapter with random (nonzero) A and B; return the merged model's directory."""
     cls = getattr(transformers, cls_name)
     torch.manual_seed(seed)
-    model = peft.get_peft_model(cls.from_pretrained(base), peft.LoraConfig(init_lora_weights=False, **settings))
+    model = peft.get_peft_model(
+        cls.from_pretrained(base, use_safetensors=True), peft.LoraConfig(init_lora_weights=False, **settings)
+    )
     with torch.no_grad():  # A and B both random: a delta of full rank r
         for name, p in model.named_parameters():
             if "lora_" in name:
@@ -101,7 +103,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Env:
     torch.manual_seed(0)
     transformers.BertModel(tiny_bert_config()).save_pretrained(root / "base")
     base = root / "base"
-    ft = transformers.BertModel.from_pretrained(base)
+    ft = transformers.BertModel.from_pretrained(base, use_safetensors=True)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for p in ft.parameters():

@@ -251,7 +251,9 @@ def test_open_clip_round_trip(clip_dir: Path, tmp_path: Path) -> None:
     assert kind == "CLIPVisionModelWithProjection"
     from transformers import CLIPVisionModelWithProjection
 
-    model = CLIPVisionModelWithProjection.from_pretrained(tmp_path / "enc", local_files_only=True).eval()
+    model = CLIPVisionModelWithProjection.from_pretrained(
+        tmp_path / "enc", local_files_only=True, use_safetensors=True
+    ).eval()
     with torch.no_grad():
         torch.testing.assert_close(model(pixel_values=pixels).image_embeds, hf)
 
@@ -371,7 +373,7 @@ def test_finetune_evaluate_and_build_store(clip_dir: Path, data_root: Path, cach
 
     from transformers import CLIPVisionModelWithProjection
 
-    loaded = CLIPVisionModelWithProjection.from_pretrained(ft, local_files_only=True)
+    loaded = CLIPVisionModelWithProjection.from_pretrained(ft, local_files_only=True, use_safetensors=True)
     assert loaded.visual_projection.weight.shape == (PROJ, 32)
 
     enc = encoder_dir(clip_dir, cache)
