@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -128,18 +129,55 @@ def build_config(cfg: dict[str, Any], base: Path, sources: list[TaskSource], pat
     )
 
 
+#: A store's delta for task weights.
+DeltaFor = Callable[[np.ndarray], runner.Delta]
+
+
+def last_delta(store: Store) -> DeltaFor:
+    """``store``'s task-weighted delta, decoded once per weight vector: the runner's search and the
+    matched-lambda measurement ask for the same weights in turn, and only the last is kept."""
+    last: dict[bytes, runner.Delta] = {}
+
+    def delta(weights: np.ndarray) -> runner.Delta:
+        key = np.asarray(weights, dtype=np.float64).tobytes()
+        if key not in last:
+            last.clear()
+            last[key] = runner.store_delta(store, weights)
+        return last[key]
+
+    return delta
+
+
 def evaluate(
     store: Store, ev: Evaluator, names: list[str], ref: dict[str, Any], limits: runner.Limits, log: runner.Log
 ) -> dict[str, Any]:
-    """Addition and the negation of every task through ``store``; shares kept against the full vectors."""
-    edit = runner.Edit(
-        "store", "store", store.n_atoms, store.manifest["bytes"]["ratio"], lambda a: runner.store_delta(store, a)
-    )
+    """Addition and the negation of every task through ``store``, searched and at the full vectors'
+    lambdas; shares kept against the full vectors."""
+    delta = last_delta(store)
+    edit = runner.Edit("store", "store", store.n_atoms, store.manifest["bytes"]["ratio"], delta)
     add = runner.run_addition(ev, [edit], names, ref["zs"], ref["ft"], limits, "coarse-to-fine", log)["store"]
     gain = gain_retained(add["test"], ref["zs"]["test"], ref["full_addition"]["test"])
-    neg = runner.run_negation(
-        ev, [edit], names, names, CONTROL_FOR, ref["zs"]["val"], ref["zs"]["test"], limits, 0.95, "coarse-to-fine", log
-    )
+    matched_gain = matched_addition(delta, ev, names, ref, limits)
+    neg: dict[str, dict[str, Any]] = {}
+    matched_effects: dict[str, float] = {}
+    for t in names:  # each target's delta serves its search, then its matched-lambda measurement
+        neg.update(
+            runner.run_negation(
+                ev,
+                [edit],
+                names,
+                [t],
+                CONTROL_FOR,
+                ref["zs"]["val"],
+                ref["zs"]["test"],
+                limits,
+                0.95,
+                "coarse-to-fine",
+                log,
+            )
+        )
+        matched_effects[t] = matched_negation(delta, ev, names, t, ref, limits)
+    ev.reset()
     effects = {}
     for t in names:
         row = neg[t]["store"]
@@ -148,48 +186,54 @@ def evaluate(
             if "target_test" in row
             else float("nan")
         )
-    zs_mean = np.mean(list(ref["zs"]["test"].values()))
-    full_mean = np.mean(list(ref["full_addition"]["test"].values()))
     return {
         "bytes_ratio": store.manifest["bytes"]["ratio"],
         "bytes_total": store.manifest["bytes"]["total"],
         "rel_error": {t["name"]: t["rel_error"] for t in store.manifest["tasks"]},
         "addition": add,
-        "gain_mean": float((np.mean(list(add["test"].values())) - zs_mean) / (full_mean - zs_mean)),
+        "gain_mean": mean_gain(add["test"], ref),
         "gain": gain,
         "negation": {t: neg[t]["store"] for t in names},
         "effect": effects,
         "effect_min": float(np.nanmin(list(effects.values()))),
-        **matched_lambda(store, ev, names, ref, limits),
+        **matched_figures(matched_gain, matched_effects),
     }
 
 
-def matched_lambda(
-    store: Store, ev: Evaluator, names: list[str], ref: dict[str, Any], limits: runner.Limits
-) -> dict[str, Any]:
-    """Addition and each negation through ``store`` at the lambda the full vectors chose.
+def mean_gain(test: dict[str, float], ref: dict[str, Any]) -> float:
+    """The share of full task addition's gain in mean test accuracy that ``test`` keeps."""
+    zs_mean = np.mean(list(ref["zs"]["test"].values()))
+    full_mean = np.mean(list(ref["full_addition"]["test"].values()))
+    return float((np.mean(list(test.values())) - zs_mean) / (full_mean - zs_mean))
 
-    A paired comparison on the same test examples: it leaves out the lambda search, whose 64
-    validation examples and 95% control floor move a near-lossless store's figures by about 0.1,
-    and measures only how far the store's edit differs from the true vectors' edit.
-    """
-    zs = ref["zs"]["test"]
-    full_add = ref["full_addition"]
-    ev.set_task_vector(runner.store_delta(store, np.ones(len(names))), full_add["lam"])
-    add_test = runner.accuracies(ev, names, "test", limits)
-    effects: dict[str, float] = {}
-    for t in names:
-        full_row = ref["full_negation"][t]
-        if full_row.get("lam") is None:
-            effects[t] = float("nan")
-            continue
-        ev.set_task_vector(runner.store_delta(store, runner.task_weights(names, negate=[t])), full_row["lam"])
-        effects[t] = effect_retained(ev.accuracy(t, "test", limits.test), zs[t], full_row["target_test"])
-    ev.reset()
-    zs_mean = np.mean(list(zs.values()))
-    full_mean = np.mean(list(full_add["test"].values()))
+
+# Matched lambda: addition and each negation at the lambda the full vectors chose. A paired
+# comparison on the same test examples: it leaves out the lambda search, whose 64 validation
+# examples and 95% control floor move a near-lossless store's figures by about 0.1, and measures
+# only how far the store's edit differs from the true vectors' edit.
+
+
+def matched_addition(
+    delta: DeltaFor, ev: Evaluator, names: list[str], ref: dict[str, Any], limits: runner.Limits
+) -> float:
+    ev.set_task_vector(delta(np.ones(len(names))), ref["full_addition"]["lam"])
+    return mean_gain(runner.accuracies(ev, names, "test", limits), ref)
+
+
+def matched_negation(
+    delta: DeltaFor, ev: Evaluator, names: list[str], target: str, ref: dict[str, Any], limits: runner.Limits
+) -> float:
+    full_row = ref["full_negation"][target]
+    if full_row.get("lam") is None:
+        return float("nan")
+    ev.set_task_vector(delta(runner.task_weights(names, negate=[target])), full_row["lam"])
+    acc = ev.accuracy(target, "test", limits.test)
+    return effect_retained(acc, ref["zs"]["test"][target], full_row["target_test"])
+
+
+def matched_figures(gain: float, effects: dict[str, float]) -> dict[str, Any]:
     return {
-        "gain_matched": float((np.mean(list(add_test.values())) - zs_mean) / (full_mean - zs_mean)),
+        "gain_matched": gain,
         "effect_matched": effects,
         "effect_matched_min": float(np.nanmin(list(effects.values()))),
     }
@@ -323,7 +367,10 @@ def backfill_matched(
         store = build_config(cfg, base, sources, path, plan_store)
         if abs(store.manifest["bytes"]["total"] - row["bytes_total"]) > 0.01 * row["bytes_total"]:
             raise SystemExit(f"{cfg['label']} seed {cfg['seed']}: rebuilt store's bytes differ from the result's")
-        row.update(matched_lambda(store, ev, names, ref, limits))
+        delta = last_delta(store)
+        gain = matched_addition(delta, ev, names, ref, limits)
+        row.update(matched_figures(gain, {t: matched_negation(delta, ev, names, t, ref, limits) for t in names}))
+        ev.reset()
         shutil.rmtree(path, ignore_errors=True)
         tmp = results_path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))

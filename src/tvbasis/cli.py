@@ -269,7 +269,7 @@ def build(
         code_plan = None
         if residual is not None:
             from tvbasis.codes import parse_code
-            from tvbasis.store.residuals import CodePlan, TensorCode
+            from tvbasis.store.residuals import CodePlan, TensorCode, check_atom_code
 
             try:
                 spec = parse_code(residual)
@@ -282,11 +282,10 @@ def build(
             if tensor_atom_code is not None and tensor_atoms is None:
                 raise TvbasisError("--tensor-atom-code applies with --tensor-atoms only")
             try:
-                atom_code = parse_code(tensor_atom_code or "int8")
-                tc = TensorCode(tensor_atoms is None, spec, tensor_atoms or 0, atom_code)
+                atom_code = check_atom_code(parse_code(tensor_atom_code or "int8"))
             except TvbasisError as exc:
                 raise TvbasisError(f"--tensor-atom-code: {exc}") from None
-            code_plan = CodePlan(default=tc)
+            code_plan = CodePlan(default=TensorCode(tensor_atoms is None, spec, tensor_atoms or 0, atom_code))
         elif tensor_atoms is not None or tensor_atom_code is not None:
             raise TvbasisError("--tensor-atoms and --tensor-atom-code apply with --residual only")
         runner = _engine(engine, scheduler, workers, trust_scheduler)

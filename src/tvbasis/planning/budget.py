@@ -45,6 +45,7 @@ from tvbasis.store.residuals import (
     TENSOR_ATOM_CODES,
     CodePlan,
     TensorCode,
+    check_atom_code,
     payload_parts,
 )
 
@@ -255,7 +256,7 @@ def plan_budget(
     if objective not in OBJECTIVES:
         raise TvbasisError(f"--objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")
     specs = [parse_code(c.format(seed=seed)) for c in codes]
-    atom_codes = [TensorCode(False, NO_CODE, 1, parse_code(c)).atom_code for c in tensor_atom_codes]  # checked
+    atom_codes = [check_atom_code(parse_code(c)) for c in tensor_atom_codes]
     if not any(s.name == "none" for s in specs):
         specs.insert(0, CodeSpec("none"))
     sq_norm = np.where(np.diag(gram) > 0, np.diag(gram), 1.0)
@@ -265,6 +266,7 @@ def plan_budget(
         tensor_atoms = [m for m in atoms if m > 0]
     best: BudgetPlan | None = None
     own_energy: dict[tuple[str, int], np.ndarray] = {}
+    plan_names = list(task_names or range(T))
     for m in atoms:
         if not 0 <= m <= T:
             raise TvbasisError(f"--atoms {m}: must be between 0 and T = {T}")
@@ -290,8 +292,7 @@ def plan_budget(
             plan = _knapsack(options, budget_bytes - overhead)
         if plan is None:
             continue
-        names_ = list(task_names or range(T))
-        candidate = BudgetPlan(m, plan, budget_bytes, original, overhead, noise_weight, names_, objective)
+        candidate = BudgetPlan(m, plan, budget_bytes, original, overhead, noise_weight, plan_names, objective)
         if best is None or candidate.score < best.score:
             best = candidate
     if best is None:
@@ -409,39 +410,51 @@ def _worst_case(
     weights of the tasks that lose most; the plan with the smallest worst-task loss is kept. The
     first round weighs tasks equally, so the result is never worse on the worst task than the
     mean objective's plan."""
-    per_task = [np.stack([c.bias + noise_weight * c.variance for _, c in opts]) for opts in options]
-    weights = np.full(per_task[0].shape[1], 1.0 / per_task[0].shape[1])
+    mean_loss, size = _candidate_arrays(options)
+    padded = ~np.isfinite(mean_loss)
+    T = len(options[0][0][1].bias)
+    task_loss = np.zeros((*size.shape, T))  # (tensors, candidates, T); padding is masked below
+    for i, opts in enumerate(options):
+        task_loss[i, : len(opts)] = [c.bias + noise_weight * c.variance for _, c in opts]
+    rows = np.arange(len(options))
+    weights = np.full(T, 1.0 / T)
     best, best_worst = None, np.inf
     for _ in range(rounds):
-        weighted = [
-            [(float(lo), c) for lo, (_, c) in zip(losses @ weights, opts, strict=True)]
-            for losses, opts in zip(per_task, options, strict=True)
-        ]
-        plan = _knapsack(weighted, budget)
-        if plan is None:
+        idx = _solve(np.where(padded, np.inf, task_loss @ weights), size, budget)
+        if idx is None:
             return None
-        task_loss = np.sum([c.bias + noise_weight * c.variance for c in plan], axis=0)
-        if task_loss.max() < best_worst:
-            best, best_worst = plan, float(task_loss.max())
-        weights = weights * np.exp(2.0 * task_loss / max(float(task_loss.max()), 1e-30))
+        per_task = task_loss[rows, idx].sum(axis=0)
+        if per_task.max() < best_worst:
+            best, best_worst = idx, float(per_task.max())
+        weights = weights * np.exp(2.0 * per_task / max(float(per_task.max()), 1e-30))
         weights /= weights.sum()
-    return best
+    assert best is not None
+    return [options[i][j][1] for i, j in enumerate(best)]
 
 
-def _knapsack(options: list[list[tuple[float, Choice]]], budget: int) -> list[Choice] | None:
-    """One choice per tensor minimising the summed loss with summed bytes <= ``budget`` (Lagrangian bisection).
-
-    Candidates sit in a (tensors, candidates) array, padded with infinite loss, so each step of
-    the bisection is one vectorised argmin."""
-    if budget < 0:
-        return None
+def _candidate_arrays(options: list[list[tuple[float, Choice]]]) -> tuple[np.ndarray, np.ndarray]:
+    """``(loss, bytes)`` of every tensor's candidates as (tensors, candidates) arrays, padded with infinite loss."""
     width = max(len(opts) for opts in options)
     loss = np.full((len(options), width), np.inf)
     size = np.zeros((len(options), width))
     for i, opts in enumerate(options):
         loss[i, : len(opts)] = [lo for lo, _ in opts]
         size[i, : len(opts)] = [c.nbytes for _, c in opts]
-    rows = np.arange(len(options))
+    return loss, size
+
+
+def _knapsack(options: list[list[tuple[float, Choice]]], budget: int) -> list[Choice] | None:
+    """One choice per tensor minimising the summed loss with summed bytes <= ``budget``."""
+    idx = _solve(*_candidate_arrays(options), budget)
+    return None if idx is None else [options[i][j][1] for i, j in enumerate(idx)]
+
+
+def _solve(loss: np.ndarray, size: np.ndarray, budget: int) -> np.ndarray | None:
+    """The candidate index per tensor (Lagrangian bisection, then a greedy fill): each step of
+    the bisection is one vectorised argmin over the (tensors, candidates) arrays."""
+    if budget < 0:
+        return None
+    rows = np.arange(len(loss))
     # ties go to the smaller candidate: a tie-break far below any real difference in loss
     tie = size / (size.max() + 1.0) * 1e-12
 
@@ -471,8 +484,7 @@ def _knapsack(options: list[list[tuple[float, Choice]]], budget: int) -> list[Ch
                 else:
                     hi = mid
             idx = pick(hi)
-    idx = _fill(idx, loss, size, budget)
-    return [options[i][j][1] for i, j in enumerate(idx)]
+    return _fill(idx, loss, size, budget)
 
 
 def _fill(idx: np.ndarray, loss: np.ndarray, size: np.ndarray, budget: int) -> np.ndarray:

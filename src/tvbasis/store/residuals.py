@@ -41,6 +41,13 @@ TENSOR_ATOM_CODE = CodeSpec("int8")
 TENSOR_ATOM_CODES = ("int8", "int4")
 
 
+def check_atom_code(spec: CodeSpec) -> CodeSpec:
+    """``spec``, if per-tensor atoms may be coded with it."""
+    if spec.name not in TENSOR_ATOM_CODES or spec.params:
+        raise TvbasisError(f"per-tensor atoms coded {spec}: choose one of {', '.join(TENSOR_ATOM_CODES)}")
+    return spec
+
+
 @dataclass(frozen=True)
 class TensorCode:
     """How one tensor is stored: the global basis covers it (``basis``), or a basis of its own with
@@ -55,8 +62,7 @@ class TensorCode:
     def __post_init__(self) -> None:
         if self.tensor_atoms < 0 or (self.basis and self.tensor_atoms):
             raise TvbasisError(f"{self}: a tensor is covered by the global basis or by its own, not both")
-        if self.atom_code.name not in TENSOR_ATOM_CODES or self.atom_code.params:
-            raise TvbasisError(f"per-tensor atoms coded {self.atom_code}: choose one of {', '.join(TENSOR_ATOM_CODES)}")
+        check_atom_code(self.atom_code)
 
     def to_json(self) -> dict[str, Any]:
         extra: dict[str, Any] = {}
@@ -66,7 +72,8 @@ class TensorCode:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> TensorCode:
-        atom_code = parse_code(str(data.get("atom_code", TENSOR_ATOM_CODE)))  # stores before it: int8
+        # stores written before atoms had a code hold int8 atoms
+        atom_code = parse_code(str(data["atom_code"])) if "atom_code" in data else TENSOR_ATOM_CODE
         return cls(bool(data["basis"]), parse_code(str(data["residual"])), int(data.get("tensor_atoms", 0)), atom_code)
 
     def __str__(self) -> str:
