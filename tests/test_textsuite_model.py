@@ -228,6 +228,9 @@ def test_evaluator_matches_direct_computation(small: Path, evaluator: M.Evaluato
     assert evaluator.accuracy("toy", "test") == pytest.approx(float((ref.argmax(-1) == labels).float().mean()))
     limited = evaluator.logits("toy", "test", limit=5)
     torch.testing.assert_close(limited, got[:5], atol=1e-4, rtol=1e-4)
+    correct = evaluator.correct("toy", "test")  # per example, in split order
+    assert torch.equal(correct, got.argmax(-1) == labels)
+    assert torch.equal(evaluator.correct("toy", "test", limit=5), correct[:5])
 
 
 def test_base_state_uses_checkpoint_file_names(small: Path, evaluator: M.Evaluator) -> None:

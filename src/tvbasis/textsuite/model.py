@@ -646,11 +646,17 @@ class Evaluator:
         out[prep.order] = sorted_logits
         return out
 
+    def correct(self, task_name: str, split: str = "test", limit: int | None = None) -> torch.Tensor:
+        """Per example of the split's first ``limit``, in split order: is the top-1 prediction right?"""
+        prep = self._prepared(task_name, split, limit)
+        hits = self._sorted_logits(prep, task_name).argmax(-1) == prep.labels
+        out = torch.empty_like(hits)
+        out[prep.order] = hits
+        return out
+
     def accuracy(self, task_name: str, split: str = "test", limit: int | None = None) -> float:
         """Top-1 accuracy of the current weights on the first ``limit`` examples of a split."""
-        prep = self._prepared(task_name, split, limit)
-        pred = self._sorted_logits(prep, task_name).argmax(-1)
-        return float((pred == prep.labels).float().mean())
+        return float(self.correct(task_name, split, limit).float().mean())
 
     def accuracies(self, split: str = "test", limit: int | None = None) -> dict[str, float]:
         """:meth:`accuracy` for every task."""
