@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from tvbasis.codes import parse_code
+from tvbasis.evaluation.protocol import LAMBDA_GRID
 from tvbasis.planning.budget import DEFAULT_NOISE_WEIGHT, estimate_plan, stats_from_store
 from tvbasis.store.residuals import CodePlan, TensorCode
 
@@ -219,6 +220,95 @@ def plot(groups: dict[str, list[dict[str, Any]]], path: Path) -> None:
     plt.close(fig)
 
 
+def resampled_section(out: Path, ref: dict[str, Any]) -> list[str]:
+    """The table of ``frontier_resampled.py``'s figures, and how much the true vectors' own lambda moves."""
+    ref_path, rows_path = out / "resampled-reference.json", out / "resampled.jsonl"
+    if not (ref_path.exists() and rows_path.exists()):
+        return []
+    full = json.loads(ref_path.read_text())
+    rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r["settings"] == full["settings"]]
+    if not rows:
+        return []
+    st = full["settings"]
+    lines = [
+        "",
+        f"## Averaged over {st['draws']} validation draws of {st['size']} examples per task (paired)",
+        "",
+        *frontier_table(ref, group(rows), gain="gain_resampled", effect="effect_resampled"),
+        "",
+        "The true vectors' own lambda over the draws (share of draws choosing the single run's lambda; "
+        "expected test accuracy of the target at the chosen lambda, single run in brackets):",
+        "",
+        "| edit | single run's lambda | share of draws choosing it | most chosen | expected test acc |",
+        "|---|---|---|---|---|",
+    ]
+    grid = list(LAMBDA_GRID)
+    for t, row in full["negation"].items():
+        single = ref["full_negation"][t]["lam"]
+        choices = np.asarray(row["choices"])
+        share = float(np.mean(choices == grid.index(single))) if single is not None else float("nan")
+        top = np.bincount(choices, minlength=len(grid)).argmax()
+        lines.append(
+            f"| negate {t} | {single} | {share:.2f} | {grid[top]} | "
+            f"{row['expected_test']:.3f} ({ref['full_negation'][t]['target_test']:.3f}) |"
+        )
+    return lines
+
+
+def plot_resampled(out: Path, ref: dict[str, Any], groups: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    """The true vectors' lambda over the draws (a heat map), and per task the negation kept by each
+    resampled configuration as one run, at matched lambdas and over the draws (worst seed)."""
+    full = json.loads((out / "resampled-reference.json").read_text())
+    rows = [json.loads(line) for line in (out / "resampled.jsonl").read_text().splitlines() if line.strip()]
+    resampled = group([r for r in rows if r["settings"] == full["settings"]])
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(full["negation"])
+    grid = list(LAMBDA_GRID)
+    fig, axes = plt.subplots(1, 1 + len(resampled), figsize=(6 + 5 * len(resampled), 4.5))
+    axes = np.atleast_1d(axes)
+    shares = np.array([np.bincount(full["negation"][t]["choices"], minlength=len(grid)) for t in names], float)
+    shares /= shares.sum(axis=1, keepdims=True)
+    im = axes[0].imshow(shares, aspect="auto", cmap="Blues", vmin=0, vmax=max(0.5, shares.max()))
+    for i, t in enumerate(names):
+        lam = ref["full_negation"][t]["lam"]
+        if lam is not None:
+            axes[0].plot(grid.index(lam), i, "x", color="tab:red")
+    axes[0].set_yticks(range(len(names)), [f"negate {t}" for t in names], fontsize=8)
+    axes[0].set_xticks(range(0, len(grid), 4), [f"{grid[i]:.1f}" for i in range(0, len(grid), 4)])
+    axes[0].set_xlabel("lambda chosen (x: the single run on the first 64 examples)")
+    axes[0].set_title(f"true vectors: lambda over {full['settings']['draws']} validation draws", fontsize=10)
+    fig.colorbar(im, ax=axes[0], fraction=0.04, label="share of draws")
+    x = np.arange(len(names))
+    for ax, (label, rs) in zip(axes[1:], resampled.items(), strict=True):
+        single = groups.get(label, [])
+        bars = [
+            ("one run", [min(r["effect"][t] for r in single) if single else np.nan for t in names]),
+            (
+                "matched lambda",
+                [
+                    min(r["effect_matched"][t] for r in single if "effect_matched" in r) if single else np.nan
+                    for t in names
+                ],
+            ),
+            ("over the draws", [min(r["effect_resampled"][t] for r in rs) for t in names]),
+        ]
+        for j, (name, ys) in enumerate(bars):
+            ax.bar(x + (j - 1) * 0.27, ys, width=0.27, label=name)
+        ax.set_xticks(x, names, rotation=45, ha="right", fontsize=8)
+        ax.axhline(1.0, color="grey", linewidth=0.5)
+        ax.set_ylim(0, 1.2)
+        ax.set_title(f"{label}\nnegation kept, worst of {len(rs)} seeds", fontsize=10)
+    axes[-1].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
 def write_report(out: Path) -> None:
     ref, rows = load(out)
     groups = group(rows)
@@ -227,10 +317,13 @@ def write_report(out: Path) -> None:
     matched = frontier_table(ref, groups, gain="gain_matched", effect="effect_matched")
     if len(matched) > 2:
         lines += ["", "## At the full vectors' lambdas (no lambda search)", "", *matched]
+    lines += resampled_section(out, ref)
     lines += ["", "## Proxy check", ""]
     proxy_lines, table = proxy_check(out, groups)
     lines += proxy_lines
     (out / "report.md").write_text("\n".join(lines) + "\n")
     (out / "proxy.json").write_text(json.dumps(table, indent=2) + "\n")
     plot(groups, out / "frontier.png")
+    if (out / "resampled.jsonl").exists() and (out / "resampled-reference.json").exists():
+        plot_resampled(out, ref, groups, out / "resampled.png")
     print("\n".join(lines))
