@@ -36,21 +36,22 @@ from tvbasis.tasks import TaskSource
 
 WIDTH, LAYERS, RANK = 192, 4, 6
 BUDGETS = (0.004, 0.008, 0.016, 0.03, 0.06, 0.12)
-SINGLE: list[tuple] = [
-    ("int4", 0, "int4"),
-    ("int2 (Lloyd-Max)", 0, "lloydmax2"),
-    ("sign", 0, "sign"),
-    ("keep 12.5% int4", 0, "keep:0.125:int4:seed=0"),
-    ("keep 6.25% int4", 0, "keep:0.0625:int4:seed=0"),
-    ("keep 1.25% int8", 0, "keep:0.0125:int8:seed=0"),
-    ("topk 6.25%", 0, "topk:0.0625"),
-    ("pca M=2", 2, None),
-    ("pca M=4", 4, None),
-    ("pca M=6", 6, None),
-    ("pca M=8", 8, None),
-    ("pca M=16", 16, None),
-    ("tensor pca M=6", -6, None),
-    ("tensor pca M=6, int4 atoms", -6, None, "int4"),  # (label, M, residual, per-tensor atoms' code)
+#: (label, M, residual code or None, per-tensor atoms' code); M < 0: every tensor its own basis of -M atoms.
+SINGLE: list[tuple[str, int, str | None, str]] = [
+    ("int4", 0, "int4", "int8"),
+    ("int2 (Lloyd-Max)", 0, "lloydmax2", "int8"),
+    ("sign", 0, "sign", "int8"),
+    ("keep 12.5% int4", 0, "keep:0.125:int4:seed=0", "int8"),
+    ("keep 6.25% int4", 0, "keep:0.0625:int4:seed=0", "int8"),
+    ("keep 1.25% int8", 0, "keep:0.0125:int8:seed=0", "int8"),
+    ("topk 6.25%", 0, "topk:0.0625", "int8"),
+    ("pca M=2", 2, None, "int8"),
+    ("pca M=4", 4, None, "int8"),
+    ("pca M=6", 6, None, "int8"),
+    ("pca M=8", 8, None, "int8"),
+    ("pca M=16", 16, None, "int8"),
+    ("tensor pca M=6", -6, None, "int8"),
+    ("tensor pca M=6, int4 atoms", -6, None, "int4"),
 ]
 
 
@@ -95,7 +96,7 @@ def write_collection(root: Path, n_tasks: int, noise: float, seed: int = 0) -> t
     return root / "base.safetensors", sources
 
 
-def single_plan(m: int, residual: str | None, atom_code: str = "int8") -> tuple[CodePlan | None, int]:
+def single_plan(m: int, residual: str | None, atom_code: str) -> tuple[CodePlan | None, int]:
     spec = parse_code(residual or "none")
     if m < 0:
         return CodePlan(default=TensorCode(False, spec, -m, parse_code(atom_code))), 0
@@ -143,8 +144,8 @@ def main() -> None:
         )
 
     path = args.out / "store"
-    for label, m, residual, *atom_code in SINGLE:
-        codes, n_atoms = single_plan(m, residual, *atom_code)
+    for label, m, residual, atom_code in SINGLE:
+        codes, n_atoms = single_plan(m, residual, atom_code)
         store = build_store(base, sources, make_method("pca", n_atoms), path, overwrite=True, codes=codes)
         plan = estimate_plan(gram, grams, shape_of, codes or CodePlan(), n_atoms, task_names=names)
         record(label, store, plan)
