@@ -220,6 +220,46 @@ def plot(groups: dict[str, list[dict[str, Any]]], path: Path) -> None:
     plt.close(fig)
 
 
+def budget_comparison(groups: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Each planned mix against every single code whose store fits in the planned store's bytes:
+    which of them keeps more of the gain or of the worst task's negation (means over seeds), by one
+    run of the protocol and at the full vectors' lambdas."""
+    figures = (("gain_mean", "gain"), ("effect_min", "worst negation"))
+    matched = (("gain_matched", "gain"), ("effect_matched_min", "worst negation"))
+
+    def mean(rs: list[dict[str, Any]], k: str) -> float:
+        return float(np.mean([r[k] for r in rs])) if all(k in r for r in rs) else float("nan")
+
+    singles = {k: v for k, v in groups.items() if v[0]["config"]["kind"] == "single"}
+    lines = [
+        "| planned | bytes | single codes that fit | gain, worst negation (one run) | at matched lambdas "
+        "| single codes keeping more (one run) | (matched lambdas) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, rs in groups.items():
+        if rs[0]["config"]["kind"] != "planned":
+            continue
+        size = max(r["bytes_ratio"] for r in rs)
+        fit = {k: v for k, v in singles.items() if max(r["bytes_ratio"] for r in v) <= size}
+        better = []
+        for keys in (figures, matched):
+            better.append(
+                ", ".join(
+                    f"{k} ({what} {mean(v, f):.3f} vs {mean(rs, f):.3f})"
+                    for k, v in fit.items()
+                    for f, what in keys
+                    if round(mean(v, f), 3) > round(mean(rs, f), 3)  # as printed
+                )
+                or "none"
+            )
+        lines.append(
+            f"| {label} | {100 * np.mean([r['bytes_ratio'] for r in rs]):.3g}% | {len(fit)} | "
+            f"{mean(rs, 'gain_mean'):.3f}, {mean(rs, 'effect_min'):.3f} | "
+            f"{mean(rs, 'gain_matched'):.3f}, {mean(rs, 'effect_matched_min'):.3f} | {better[0]} | {better[1]} |"
+        )
+    return lines
+
+
 def resampled_section(out: Path, ref: dict[str, Any]) -> list[str]:
     """The table of ``frontier_resampled.py``'s figures, and how much the true vectors' own lambda moves."""
     ref_path, rows_path = out / "resampled-reference.json", out / "resampled.jsonl"
@@ -317,6 +357,7 @@ def write_report(out: Path) -> None:
     matched = frontier_table(ref, groups, gain="gain_matched", effect="effect_matched")
     if len(matched) > 2:
         lines += ["", "## At the full vectors' lambdas (no lambda search)", "", *matched]
+    lines += ["", "## Planned mixes against the single codes that fit in their bytes", "", *budget_comparison(groups)]
     lines += resampled_section(out, ref)
     lines += ["", "## Proxy check", ""]
     proxy_lines, table = proxy_check(out, groups)
