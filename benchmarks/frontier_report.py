@@ -261,7 +261,7 @@ def budget_comparison(groups: dict[str, list[dict[str, Any]]]) -> list[str]:
 
 
 def resampled_section(out: Path, ref: dict[str, Any]) -> list[str]:
-    """The table of ``frontier_resampled.py``'s figures, and how much the true vectors' own lambda moves."""
+    """The tables of ``frontier_resampled.py``'s figures, and how much the true vectors' own lambda moves."""
     ref_path, rows_path = out / "resampled-reference.json", out / "resampled.jsonl"
     if not (ref_path.exists() and rows_path.exists()):
         return []
@@ -277,6 +277,21 @@ def resampled_section(out: Path, ref: dict[str, Any]) -> list[str]:
         "",
         *frontier_table(ref, group(rows), gain="gain_resampled", effect="effect_resampled"),
         "",
+        "Per store, with 95% intervals from resampling the test examples (paired):",
+        "",
+        "| configuration | seed | gain kept | worst task's negation kept | that task | its interval |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        worst = min(r["effect_resampled"], key=lambda t: r["effect_resampled"][t])
+        lo, hi = r["gain_resampled_ci"]
+        elo, ehi = r["effect_resampled_ci"][worst]
+        lines.append(
+            f"| {r['config']['label']} | {r['config']['seed']} | {r['gain_resampled']:.3f} [{lo:.3f}, {hi:.3f}] | "
+            f"{r['effect_resampled_min']:.3f} | {worst} | [{elo:.3f}, {ehi:.3f}] |"
+        )
+    lines += [
+        "",
         "The true vectors' own lambda over the draws (share of draws choosing the single run's lambda; "
         "expected test accuracy of the target at the chosen lambda, single run in brackets):",
         "",
@@ -291,7 +306,7 @@ def resampled_section(out: Path, ref: dict[str, Any]) -> list[str]:
         top = np.bincount(choices, minlength=len(grid)).argmax()
         lines.append(
             f"| negate {t} | {single} | {share:.2f} | {grid[top]} | "
-            f"{row['expected_test']:.3f} ({ref['full_negation'][t]['target_test']:.3f}) |"
+            f"{full['expected_test'][f'negate {t}'][t]:.3f} ({ref['full_negation'][t]['target_test']:.3f}) |"
         )
     return lines
 

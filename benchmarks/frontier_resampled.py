@@ -44,7 +44,7 @@ from tvbasis.evaluation.resampling import (
     addition_choices,
     choice_shares,
     draw_accuracies,
-    expected_accuracy,
+    expected_correctness,
     negation_choices,
     validation_draws,
 )
@@ -59,48 +59,52 @@ THRESHOLD = 0.95
 
 
 class Draws:
-    """The validation draws every edit is run on, and the base's (lambda 0) correctness on each pool."""
+    """The validation draws every edit is run on, and the base's (lambda 0) correctness per example."""
 
     def __init__(self, ev: Evaluator, names: list[str], n_draws: int, size: int, seed: int) -> None:
         ev.reset()
         self.base = {n: ev.correct(n, "val").numpy() for n in names}
+        self.base_test = {n: ev.correct(n, "test").numpy() for n in names}
         self.index = validation_draws({n: len(c) for n, c in self.base.items()}, size, n_draws, seed)
-        self.settings = {"draws": n_draws, "size": size, "seed": seed}
+        # "test": per-example test correctness is kept (earlier runs kept only accuracies)
+        self.settings = {"draws": n_draws, "size": size, "seed": seed, "test": "per-example"}
 
 
 class Curves:
-    """One edit's validation correctness at every grid lambda and its test accuracies at the lambdas
-    asked for; with a ``path`` they are kept on disk, so other draws of the same edit cost no new
-    validation pass (the true vectors' are reused by every run)."""
+    """One edit's validation correctness at every grid lambda and its test correctness at the lambdas
+    asked for, per example; with a ``path`` they are kept on disk, so other draws of the same edit
+    cost no new pass (the true vectors' are reused by every run)."""
 
     def __init__(self, path: Path | None = None) -> None:
         self.path = path
-        self.val: dict[str, np.ndarray] = {}
-        self.test: dict[str, float] = {}
-        if path is not None and path.with_suffix(".npz").exists():
-            with np.load(path.with_suffix(".npz")) as z:
-                self.val = {k: z[k] for k in z.files}
-            self.test = json.loads(path.with_suffix(".json").read_text())
+        self.arrays: dict[str, dict[str, np.ndarray]] = {"val": {}, "test": {}}
+        for split in self.arrays:
+            f = self._file(split)
+            if f is not None and f.exists():
+                with np.load(f) as z:
+                    self.arrays[split] = {k: z[k] for k in z.files}
+
+    def _file(self, split: str) -> Path | None:
+        return None if self.path is None else self.path.with_name(f"{self.path.name}-{split}.npz")
 
     def save(self) -> None:
-        if self.path is None:
-            return
-        for suffix, write in (
-            (".npz", lambda f: np.savez_compressed(f, **self.val)),
-            (".json", lambda f: f.write(json.dumps(self.test).encode())),
-        ):
-            tmp = self.path.with_suffix(suffix + ".tmp")
-            with tmp.open("wb") as f:
-                write(f)
-            tmp.replace(self.path.with_suffix(suffix))
+        for split, arrays in self.arrays.items():
+            f = self._file(split)
+            if f is None:
+                continue
+            tmp = f.with_suffix(".tmp")
+            with tmp.open("wb") as out:
+                np.savez_compressed(out, **arrays)
+            tmp.replace(f)
 
     def correct(
         self, ev: Evaluator, edit: str, delta: runner.Delta, tasks: list[str], draws: Draws
     ) -> dict[str, np.ndarray]:
         """Per task ``[lambdas, examples]``: correctness of ``base + lam * delta`` on its validation pool."""
+        val = self.arrays["val"]
         keys = {t: f"{edit}/{t}" for t in tasks}
-        if all(k in self.val for k in keys.values()):
-            return {t: self.val[k] for t, k in keys.items()}
+        if all(k in val for k in keys.values()):
+            return {t: val[k] for t, k in keys.items()}
         correct = {t: np.empty((len(GRID), len(draws.base[t])), dtype=bool) for t in tasks}
         for i, lam in enumerate(GRID):
             if lam == 0:
@@ -110,25 +114,26 @@ class Curves:
             ev.set_task_vector(delta, lam)
             for t in tasks:
                 correct[t][i] = ev.correct(t, "val").numpy()
-        self.val.update({keys[t]: c for t, c in correct.items()})
+        val.update({keys[t]: c for t, c in correct.items()})
         return correct
 
-    def test_accuracy_at(
-        self, ev: Evaluator, edit: str, delta: runner.Delta, tasks: list[str], zs_test: dict[str, float]
-    ):
-        """``f(grid index)`` -> mean test accuracy over ``tasks`` of ``base + lam * delta``."""
+    def expected_test(
+        self, ev: Evaluator, edit: str, delta: runner.Delta, tasks: list[str], choices: np.ndarray, draws: Draws
+    ) -> dict[str, np.ndarray]:
+        """Per task and test example, the share of draws whose chosen lambda gets it right."""
+        test = self.arrays["test"]
 
-        def at(i: int) -> float:
-            k = f"{edit}/{GRID[i]}"
-            if k not in self.test:
+        def correct_at(i: int) -> dict[str, np.ndarray]:
+            keys = {t: f"{edit}/{GRID[i]}/{t}" for t in tasks}
+            if not all(k in test for k in keys.values()):
                 if GRID[i] == 0:
-                    self.test[k] = float(np.mean([zs_test[t] for t in tasks]))
+                    test.update({keys[t]: draws.base_test[t] for t in tasks})
                 else:
                     ev.set_task_vector(delta, GRID[i])
-                    self.test[k] = float(np.mean([ev.accuracy(t, "test") for t in tasks]))
-            return self.test[k]
+                    test.update({keys[t]: ev.correct(t, "test").numpy() for t in tasks})
+            return {t: test[k] for t, k in keys.items()}
 
-        return at
+        return expected_correctness(choices, correct_at)
 
 
 def resampled(
@@ -137,24 +142,19 @@ def resampled(
     names: list[str],
     draws: Draws,
     ft_val: dict[str, float],
-    zs_test: dict[str, float],
     log: runner.Log,
     curves: Curves | None = None,
-) -> dict[str, Any]:
-    """Expected test accuracies at the lambdas chosen on each draw: addition (mean over tasks) and each negation."""
+) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
+    """The lambdas chosen on each draw, for addition and each negation, and per test example the
+    share of draws that get it right (``"addition"``: every task; ``"negate T"``: the target)."""
     t0 = time.perf_counter()
     curves = curves or Curves()
     delta = delta_for(np.ones(len(names)))
     correct = curves.correct(ev, "addition", delta, names, draws)
     acc = {t: draw_accuracies(c, draws.index[t]) for t, c in correct.items()}
     choices = addition_choices(acc, ft_val, GRID)
-    out: dict[str, Any] = {
-        "addition": {
-            "expected_test": expected_accuracy(choices, curves.test_accuracy_at(ev, "addition", delta, names, zs_test)),
-            "choices": choices.tolist(),
-        },
-        "negation": {},
-    }
+    expected = {"addition": curves.expected_test(ev, "addition", delta, names, choices, draws)}
+    out: dict[str, Any] = {"addition": {"choices": choices.tolist()}, "negation": {}}
     curves.save()
     for t in names:
         control = CONTROL_FOR(t)
@@ -162,31 +162,59 @@ def resampled(
         correct = curves.correct(ev, f"negate {t}", delta, [t, control], draws)
         acc = {k: draw_accuracies(c, draws.index[k]) for k, c in correct.items()}
         choices = negation_choices(acc[t], acc[control], GRID, THRESHOLD)
-        at = curves.test_accuracy_at(ev, f"negate {t}", delta, [t], zs_test)
-        out["negation"][t] = {
-            "control": control,
-            "expected_test": expected_accuracy(choices, at),
-            "choices": choices.tolist(),
-        }
+        expected[f"negate {t}"] = curves.expected_test(ev, f"negate {t}", delta, [t], choices, draws)
+        out["negation"][t] = {"control": control, "choices": choices.tolist()}
         curves.save()
     ev.reset()
     log(f"   resampled protocol: {time.perf_counter() - t0:.0f} s")
-    return out
+    return out, expected
 
 
-def figures(res: dict[str, Any], full: dict[str, Any], zs_test: dict[str, float]) -> dict[str, Any]:
-    """Shares of the true vectors' expected gain and negation effects kept, and lambda agreement per draw."""
-    zs_mean = float(np.mean(list(zs_test.values())))
-    gain = (res["addition"]["expected_test"] - zs_mean) / (full["addition"]["expected_test"] - zs_mean)
+def figures(
+    res: dict[str, Any],
+    expected: dict[str, dict[str, np.ndarray]],
+    full: dict[str, Any],
+    full_expected: dict[str, dict[str, np.ndarray]],
+    base_test: dict[str, np.ndarray],
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Shares of the true vectors' expected gain and negation effects kept, each with a 95% interval
+    from resampling the test examples (the same resample for the edit, the true vectors and the
+    base), and how often the edit chose the true vectors' lambda on the same draw."""
+    names = list(base_test)
+    rng = np.random.default_rng(seed)
+    boot = {t: rng.integers(0, len(base_test[t]), size=(n_boot, len(base_test[t]))) for t in names}
+
+    def per_task(vectors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Per task ``[1 + n_boot]``: the mean on the test set, then on each resample."""
+        return {t: np.concatenate([[v.mean()], v[boot[t]].mean(axis=1)]) for t, v in vectors.items()}
+
+    zs = per_task(base_test)
+
+    def interval(x: np.ndarray) -> dict[str, float]:
+        lo, hi = np.percentile(x[1:], [2.5, 97.5])
+        return {"value": float(x[0]), "lo": float(lo), "hi": float(hi)}
+
+    zs_mean = np.mean([zs[t] for t in names], axis=0)
+    edit_mean = np.mean(list(per_task(expected["addition"]).values()), axis=0)
+    full_mean = np.mean(list(per_task(full_expected["addition"]).values()), axis=0)
+    gain = interval((edit_mean - zs_mean) / (full_mean - zs_mean))
     effects, same = {}, {}
-    for t, row in res["negation"].items():
-        ref = full["negation"][t]
-        effects[t] = (zs_test[t] - row["expected_test"]) / (zs_test[t] - ref["expected_test"])
-        same[t] = float(np.mean(np.asarray(row["choices"]) == np.asarray(ref["choices"])))
+    for t in names:
+        [edit_t] = per_task(expected[f"negate {t}"]).values()
+        [full_t] = per_task(full_expected[f"negate {t}"]).values()
+        effects[t] = interval((zs[t] - edit_t) / (zs[t] - full_t))
+        same[t] = float(
+            np.mean(np.asarray(res["negation"][t]["choices"]) == np.asarray(full["negation"][t]["choices"]))
+        )
+    worst = min(effects, key=lambda t: effects[t]["value"])
     return {
-        "gain_resampled": float(gain),
-        "effect_resampled": effects,
-        "effect_resampled_min": float(min(effects.values())),
+        "gain_resampled": gain["value"],
+        "gain_resampled_ci": [gain["lo"], gain["hi"]],
+        "effect_resampled": {t: e["value"] for t, e in effects.items()},
+        "effect_resampled_ci": {t: [e["lo"], e["hi"]] for t, e in effects.items()},
+        "effect_resampled_min": effects[worst]["value"],
         "same_lambda": same,
         "same_lambda_addition": float(
             np.mean(np.asarray(res["addition"]["choices"]) == np.asarray(full["addition"]["choices"]))
@@ -221,7 +249,6 @@ def main() -> None:
     sources = [TaskSource(n, ft_dirs[n]) for n in names]
     ev = Evaluator(base, tasks)
     base_state = ev.base_state()
-    zs_test = {n: ev.accuracy(n, "test") for n in names}
     draws = Draws(ev, names, args.draws, args.draw_size, args.draw_seed)
 
     def log(line: str) -> None:
@@ -230,25 +257,24 @@ def main() -> None:
     def read_tv(n: str) -> dict[str, torch.Tensor]:
         return task_vector(base_state, ft_dirs[n])
 
-    ref_path = args.out / "resampled-reference.json"
-    full = json.loads(ref_path.read_text()) if ref_path.exists() else None
-    if full is None or full["settings"] != draws.settings:
-        t0 = time.perf_counter()
-        ft_val = {}
-        full_sum = {k: torch.zeros_like(v) for k, v in base_state.items()}
-        for n in names:  # each fine-tune on its whole validation pool: the normalisers
-            tau = read_tv(n)
-            ev.set_task_vector(tau)
-            ft_val[n] = ev.accuracy(n, "val")
-            for k in full_sum:
-                full_sum[k] += tau[k]
-        curves = Curves(args.out / "resampled-full-curves")
-        full = resampled(ev, runner.full_delta(names, full_sum, read_tv), names, draws, ft_val, zs_test, log, curves)
-        full.update(settings=draws.settings, ft_val=ft_val, zs_test=zs_test, seconds=time.perf_counter() - t0)
-        tmp = ref_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(full) + "\n")
-        tmp.replace(ref_path)
-        del full_sum
+    # The true vectors: their per-example correctness is cached, so this costs a pass only once.
+    ft_val = {}
+    full_sum = {k: torch.zeros_like(v) for k, v in base_state.items()}
+    for n in names:  # each fine-tune on its whole validation pool: the normalisers
+        tau = read_tv(n)
+        ev.set_task_vector(tau)
+        ft_val[n] = ev.accuracy(n, "val")
+        for k in full_sum:
+            full_sum[k] += tau[k]
+    t0 = time.perf_counter()
+    curves = Curves(args.out / "resampled-full-curves")
+    full, full_expected = resampled(ev, runner.full_delta(names, full_sum, read_tv), names, draws, ft_val, log, curves)
+    full.update(settings=draws.settings, ft_val=ft_val, seconds=time.perf_counter() - t0)
+    full["expected_test"] = {k: {t: float(v.mean()) for t, v in e.items()} for k, e in full_expected.items()}
+    tmp = args.out / "resampled-reference.tmp"
+    tmp.write_text(json.dumps(full) + "\n")
+    tmp.replace(args.out / "resampled-reference.json")
+    del full_sum
     results_path = args.out / "resampled.jsonl"
     done = set()
     if results_path.exists():
@@ -263,9 +289,10 @@ def main() -> None:
             continue
         path = args.out / "stores" / "resampled-current"
         store = build_config(cfg, base, sources, path, plan_store)
-        res = resampled(ev, last_delta(store), names, draws, full["ft_val"], zs_test, log)
+        res, expected = resampled(ev, last_delta(store), names, draws, ft_val, log)
         row = {"config": cfg, "settings": draws.settings, "bytes_ratio": store.manifest["bytes"]["ratio"], **res}
-        row.update(figures(res, full, zs_test))
+        row["expected_test"] = {k: {t: float(v.mean()) for t, v in e.items()} for k, e in expected.items()}
+        row.update(figures(res, expected, full, full_expected, draws.base_test))
         with results_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         log(

@@ -11,7 +11,7 @@ from tvbasis.evaluation.resampling import (
     addition_choices,
     choice_shares,
     draw_accuracies,
-    expected_accuracy,
+    expected_correctness,
     negation_choices,
     validation_draws,
 )
@@ -103,15 +103,18 @@ def test_draws_are_reproducible_in_range_and_independent_of_other_tasks() -> Non
     np.testing.assert_array_equal(alone["x"], a["x"])
 
 
-def test_expected_accuracy_weights_each_choice_by_its_share_and_evaluates_it_once() -> None:
+def test_expected_correctness_weights_each_choice_by_its_share_and_evaluates_it_once() -> None:
     calls: list[int] = []
+    correct = {2: np.array([True, False, True]), 5: np.array([False, False, True])}
 
-    def at(i: int) -> float:
+    def at(i: int) -> dict[str, np.ndarray]:
         calls.append(i)
-        return i / 10
+        return {"t": correct[i]}
 
     choices = np.array([2, 2, 2, 5])
-    assert expected_accuracy(choices, at) == pytest.approx((3 * 0.2 + 0.5) / 4)
+    expected = expected_correctness(choices, at)["t"]
+    np.testing.assert_allclose(expected, [0.75, 0.0, 1.0])
+    assert expected.mean() == pytest.approx((3 * correct[2].mean() + correct[5].mean()) / 4)
     assert sorted(calls) == [2, 5]
     assert choice_shares(choices, GRID) == {0.1: 0.75, 0.25: 0.25}
 

@@ -92,10 +92,21 @@ def addition_choices(
     return score.argmax(axis=0)
 
 
-def expected_accuracy(choices: np.ndarray, accuracy_at: Callable[[int], float]) -> float:
-    """Mean over draws of ``accuracy_at(grid index chosen)``; each distinct index is evaluated once."""
+def expected_correctness(
+    choices: np.ndarray, correct_at: Callable[[int], Mapping[str, np.ndarray]]
+) -> dict[str, np.ndarray]:
+    """Per task and example, the share of draws whose chosen lambda gets it right.
+
+    ``correct_at(grid index)`` gives each task's per-example correctness at that lambda; each
+    distinct chosen index is asked for once. The mean of a task's vector is its expected accuracy
+    under the protocol, and being per example it can be resampled (paired) like any accuracy.
+    """
     idx, counts = np.unique(np.asarray(choices), return_counts=True)
-    return float(sum(c * accuracy_at(int(i)) for i, c in zip(idx, counts, strict=True)) / counts.sum())
+    out: dict[str, np.ndarray] = {}
+    for i, c in zip(idx, counts, strict=True):
+        for task, correct in correct_at(int(i)).items():
+            out[task] = out.get(task, 0.0) + (c / counts.sum()) * np.asarray(correct, dtype=np.float64)
+    return out
 
 
 def choice_shares(choices: np.ndarray, grid: Sequence[float]) -> dict[float, float]:
