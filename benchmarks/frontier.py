@@ -22,6 +22,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -239,6 +240,26 @@ def matched_figures(gain: float, effects: dict[str, float]) -> dict[str, Any]:
     }
 
 
+@dataclass
+class TextSuite:
+    """The 8 cached MiniLM fine-tunes of ``tvbasis demo`` and one evaluator on their tasks."""
+
+    base: Path
+    names: list[str]
+    ft_dirs: dict[str, Path]
+    sources: list[TaskSource]
+    ev: Evaluator
+
+    @classmethod
+    def load(cls) -> TextSuite:
+        torch.manual_seed(0)
+        base = minilm_path()
+        tasks = [load_task(n) for n in TASK_NAMES]
+        ft_dirs = {t.name: finetune_cached(base, t, default_cache() / "finetunes") for t in tasks}
+        names = [t.name for t in tasks]
+        return cls(base, names, ft_dirs, [TaskSource(n, ft_dirs[n]) for n in names], Evaluator(base, tasks))
+
+
 SUITE = SuiteConfig(out_dir=Path("."), cache_dir=Path("."))
 CONTROL_FOR = SUITE.control_for
 
@@ -288,14 +309,9 @@ def main() -> None:
 
         write_report(args.out)
         return
-    torch.manual_seed(0)
-    base = minilm_path()
-    tasks = [load_task(n) for n in TASK_NAMES]
-    names = [t.name for t in tasks]
-    ft_dirs = {t.name: finetune_cached(base, t, default_cache() / "finetunes") for t in tasks}
-    sources = [TaskSource(n, ft_dirs[n]) for n in names]
+    suite = TextSuite.load()
+    base, names, ft_dirs, sources, ev = suite.base, suite.names, suite.ft_dirs, suite.sources, suite.ev
     limits = runner.Limits(val=None if args.full_val else SUITE.val_limit, test=SUITE.test_limit)
-    ev = Evaluator(base, tasks)
     base_state = ev.base_state()
 
     def read_tv(n: str) -> dict[str, torch.Tensor]:

@@ -36,7 +36,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from frontier import BUDGETS, CONTROL_FOR, SEEDS, SUITE, DeltaFor, build_config, configurations, key, last_delta
+from frontier import (
+    BUDGETS,
+    CONTROL_FOR,
+    SEEDS,
+    SUITE,
+    DeltaFor,
+    TextSuite,
+    build_config,
+    configurations,
+    key,
+    last_delta,
+)
 from tvbasis.arithmetic import task_weights
 from tvbasis.evaluation import runner
 from tvbasis.evaluation.protocol import LAMBDA_GRID
@@ -48,10 +59,7 @@ from tvbasis.evaluation.resampling import (
     negation_choices,
     validation_draws,
 )
-from tvbasis.tasks import TaskSource
-from tvbasis.textsuite.data import TASK_NAMES, load_task
-from tvbasis.textsuite.model import Evaluator, finetune_cached, minilm_path
-from tvbasis.textsuite.presets import default_cache
+from tvbasis.textsuite.model import Evaluator
 from tvbasis.textsuite.suite import task_vector
 
 GRID = LAMBDA_GRID
@@ -241,13 +249,8 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args.out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    base = minilm_path()
-    tasks = [load_task(n) for n in TASK_NAMES]
-    names = [t.name for t in tasks]
-    ft_dirs = {t.name: finetune_cached(base, t, default_cache() / "finetunes") for t in tasks}
-    sources = [TaskSource(n, ft_dirs[n]) for n in names]
-    ev = Evaluator(base, tasks)
+    suite = TextSuite.load()
+    base, names, ft_dirs, sources, ev = suite.base, suite.names, suite.ft_dirs, suite.sources, suite.ev
     base_state = ev.base_state()
     draws = Draws(ev, names, args.draws, args.draw_size, args.draw_seed)
 
