@@ -49,16 +49,8 @@ from frontier import (
     last_delta,
 )
 from tvbasis.arithmetic import task_weights
-from tvbasis.evaluation import runner
+from tvbasis.evaluation import resampling, runner
 from tvbasis.evaluation.protocol import LAMBDA_GRID
-from tvbasis.evaluation.resampling import (
-    addition_choices,
-    choice_shares,
-    draw_accuracies,
-    expected_correctness,
-    negation_choices,
-    validation_draws,
-)
 from tvbasis.textsuite.model import Evaluator
 from tvbasis.textsuite.suite import task_vector
 
@@ -73,7 +65,7 @@ class Draws:
         ev.reset()
         self.base = {n: ev.correct(n, "val").numpy() for n in names}
         self.base_test = {n: ev.correct(n, "test").numpy() for n in names}
-        self.index = validation_draws({n: len(c) for n, c in self.base.items()}, size, n_draws, seed)
+        self.index = resampling.validation_draws({n: len(c) for n, c in self.base.items()}, size, n_draws, seed)
         # "test": per-example test correctness is kept (earlier runs kept only accuracies)
         self.settings = {"draws": n_draws, "size": size, "seed": seed, "test": "per-example"}
 
@@ -141,7 +133,7 @@ class Curves:
                     test.update({keys[t]: ev.correct(t, "test").numpy() for t in tasks})
             return {t: test[k] for t, k in keys.items()}
 
-        return expected_correctness(choices, correct_at)
+        return resampling.expected_correctness(choices, correct_at)
 
 
 def resampled(
@@ -159,8 +151,8 @@ def resampled(
     curves = curves or Curves()
     delta = delta_for(np.ones(len(names)))
     correct = curves.correct(ev, "addition", delta, names, draws)
-    acc = {t: draw_accuracies(c, draws.index[t]) for t, c in correct.items()}
-    choices = addition_choices(acc, ft_val, GRID)
+    acc = {t: resampling.draw_accuracies(c, draws.index[t]) for t, c in correct.items()}
+    choices = resampling.addition_choices(acc, ft_val, GRID)
     expected = {"addition": curves.expected_test(ev, "addition", delta, names, choices, draws)}
     out: dict[str, Any] = {"addition": {"choices": choices.tolist()}, "negation": {}}
     curves.save()
@@ -168,8 +160,8 @@ def resampled(
         control = CONTROL_FOR(t)
         delta = delta_for(task_weights(names, negate=[t]))
         correct = curves.correct(ev, f"negate {t}", delta, [t, control], draws)
-        acc = {k: draw_accuracies(c, draws.index[k]) for k, c in correct.items()}
-        choices = negation_choices(acc[t], acc[control], GRID, THRESHOLD)
+        acc = {k: resampling.draw_accuracies(c, draws.index[k]) for k, c in correct.items()}
+        choices = resampling.negation_choices(acc[t], acc[control], GRID, THRESHOLD)
         expected[f"negate {t}"] = curves.expected_test(ev, f"negate {t}", delta, [t], choices, draws)
         out["negation"][t] = {"control": control, "choices": choices.tolist()}
         curves.save()
@@ -228,8 +220,8 @@ def figures(
             np.mean(np.asarray(res["addition"]["choices"]) == np.asarray(full["addition"]["choices"]))
         ),
         "lambda_shares": {
-            "addition": choice_shares(np.asarray(res["addition"]["choices"]), GRID),
-            **{t: choice_shares(np.asarray(r["choices"]), GRID) for t, r in res["negation"].items()},
+            "addition": resampling.choice_shares(np.asarray(res["addition"]["choices"]), GRID),
+            **{t: resampling.choice_shares(np.asarray(r["choices"]), GRID) for t, r in res["negation"].items()},
         },
     }
 
