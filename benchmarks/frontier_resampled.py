@@ -81,7 +81,7 @@ class Curves:
         for split in self.arrays:
             f = self._file(split)
             if f is not None and f.exists():
-                with np.load(f) as z:
+                with np.load(f, allow_pickle=False) as z:
                     self.arrays[split] = {k: z[k] for k in z.files}
 
     def _file(self, split: str) -> Path | None:

@@ -89,7 +89,7 @@ def test_derived_model_has_first_layers_and_is_cached(small: Path) -> None:
     stamp = (small / M.DERIVED_MARKER).stat().st_mtime_ns
     assert M.derive_small_model(M.minilm_path(), small, n_layers=3) == small
     assert (small / M.DERIVED_MARKER).stat().st_mtime_ns == stamp
-    model = transformers.AutoModel.from_pretrained(str(small), local_files_only=True)
+    model = transformers.AutoModel.from_pretrained(str(small), local_files_only=True, use_safetensors=True)
     assert len(model.encoder.layer) == 3
 
 
@@ -106,7 +106,7 @@ def test_heads_are_unit_rows_of_prompt_embeddings(small: Path, evaluator: M.Eval
     assert head.shape == (3, 384)
     torch.testing.assert_close(head.norm(dim=-1), torch.ones(3))
     tok = transformers.AutoTokenizer.from_pretrained(str(small))
-    model = transformers.AutoModel.from_pretrained(str(small)).eval()
+    model = transformers.AutoModel.from_pretrained(str(small), local_files_only=True, use_safetensors=True).eval()
     with torch.no_grad():
         for i, prompt in enumerate(make_task().prompts):  # one at a time: no padding involved
             enc = tok(prompt, return_tensors="pt")
@@ -118,8 +118,8 @@ def test_heads_are_unit_rows_of_prompt_embeddings(small: Path, evaluator: M.Eval
 def test_finetune_writes_loadable_dir_with_base_buffers(small: Path, finetuned: Path) -> None:
     marker = json.loads((finetuned / M.FINETUNE_MARKER).read_text())
     assert marker["steps"] == 2 and marker["hyperparameters"]["lr"] == HP["lr"]
-    base = transformers.AutoModel.from_pretrained(str(small), local_files_only=True)
-    ft = transformers.AutoModel.from_pretrained(str(finetuned), local_files_only=True)
+    base = transformers.AutoModel.from_pretrained(str(small), local_files_only=True, use_safetensors=True)
+    ft = transformers.AutoModel.from_pretrained(str(finetuned), local_files_only=True, use_safetensors=True)
     assert len(ft.encoder.layer) == 3
     base_buffers, ft_buffers = dict(base.named_buffers()), dict(ft.named_buffers())
     assert base_buffers.keys() == ft_buffers.keys() and {"embeddings.position_ids"} <= base_buffers.keys()
@@ -206,7 +206,7 @@ def test_finetune_rejects_bad_labels(small: Path, tmp_path: Path) -> None:
 def direct_logits(model_dir: Path, task: TaskData, state: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Reference: a fresh model, one unpadded text at a time, plain mean pooling."""
     tok = transformers.AutoTokenizer.from_pretrained(str(model_dir))
-    model = transformers.AutoModel.from_pretrained(str(model_dir)).eval()
+    model = transformers.AutoModel.from_pretrained(str(model_dir), local_files_only=True, use_safetensors=True).eval()
     if state is not None:
         model.load_state_dict(state, strict=False)
 
@@ -251,7 +251,9 @@ def test_set_weights_then_reset_restores_base_exactly(small: Path, finetuned: Pa
         ft_logits = evaluator.logits("toy", "test")
         assert not torch.equal(ft_logits, base_logits)
         # The evaluator's embeddings are those of the fine-tuned model loaded from its directory.
-        ft_model = transformers.AutoModel.from_pretrained(str(finetuned)).eval()
+        ft_model = transformers.AutoModel.from_pretrained(
+            str(finetuned), local_files_only=True, use_safetensors=True
+        ).eval()
         tok = transformers.AutoTokenizer.from_pretrained(str(finetuned))
         with torch.no_grad():
             enc = tok(make_task().test[0].text, return_tensors="pt", truncation=True, max_length=16)
