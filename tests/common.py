@@ -64,12 +64,25 @@ class Family:
 
 
 def write_family(
-    root: Path, T: int = 5, rank: int | None = None, seed: int = 0, dtype: torch.dtype = torch.float32
+    root: Path,
+    T: int = 5,
+    rank: int | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    untouched_rows: float = 0.0,
 ) -> Family:
-    """Base and T fine-tunes as single safetensors files; heads differ per task (exclude them)."""
+    """Base and T fine-tunes as single safetensors files; heads differ per task (exclude them).
+
+    ``untouched_rows``: the share of ``embed.weight``'s rows each task leaves exactly as in the
+    base (a random set per task), as fine-tuning does with the embeddings of unseen tokens."""
     root.mkdir(parents=True, exist_ok=True)
     base = base_state(seed)
     deltas = task_deltas(T, seed + 1, rank)
+    if untouched_rows:
+        g = torch.Generator().manual_seed(seed + 7)
+        for d in deltas:
+            rows = d["embed.weight"].shape[0]
+            d["embed.weight"][torch.randperm(rows, generator=g)[: round(untouched_rows * rows)]] = 0.0
     save_file(
         {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in base.items()}, str(root / "base.safetensors")
     )

@@ -19,7 +19,7 @@ from tvbasis.errors import TvbasisError
 from tvbasis.methods import make_method
 from tvbasis.planning import atom_bytes, estimate_store
 from tvbasis.store import open_store
-from tvbasis.store.format import MANIFEST, MATRICES, TENSOR_GRAM
+from tvbasis.store.format import MANIFEST, MATRICES, TENSOR_GRAM, TENSOR_ROWS
 from tvbasis.tasks import TaskSource, TaskVectorSet
 from tvbasis.update import add_task, refit, remove_task
 
@@ -79,7 +79,7 @@ def test_store_keeps_them_counted_and_otherwise_unchanged(family, tmp_path: Path
     assert "tensor_stats" not in without.summary()
     # every other file is the same, bit for bit
     da, db = tree_digest(without.path), tree_digest(with_.path)
-    assert set(db) - set(da) == {TENSOR_GRAM}
+    assert set(db) - set(da) == {TENSOR_GRAM, TENSOR_ROWS}
     assert all(da[f] == db[f] for f in da if f not in (MANIFEST, "README.md"))
     # loaded in layout order, equal to the pass's, summing to G
     reopened = open_store(with_.path)
@@ -89,14 +89,20 @@ def test_store_keeps_them_counted_and_otherwise_unchanged(family, tmp_path: Path
     stats = gram_pass(tvs, chunk_elements=7, tensor_stats=True)
     assert all(np.array_equal(grams[n], stats.tensor_grams[n]) for n in family.names)  # type: ignore[index]
     _close(sum(grams.values()), reopened.gram)
+    # with each tensor's count of nonzero rows per task
+    counts = reopened.tensor_nonzero_rows
+    assert counts is not None and list(counts) == layout(family)
+    assert all(np.array_equal(counts[n], stats.nonzero_rows[n]) for n in family.names)  # type: ignore[index]
     # counted in the store's bytes like everything else
-    size = (with_.path / TENSOR_GRAM).stat().st_size
+    size = (with_.path / TENSOR_GRAM).stat().st_size + (with_.path / TENSOR_ROWS).stat().st_size
     b = reopened.manifest["bytes"]
-    assert reopened.manifest["files"][TENSOR_GRAM] == size and b["tensor_gram"] == size
+    assert reopened.manifest["files"][TENSOR_GRAM] + reopened.manifest["files"][TENSOR_ROWS] == size
+    assert b["tensor_gram"] == size
     assert b["matrices"] == size + (with_.path / MATRICES).stat().st_size
     on_disk = sum(p.stat().st_size for p in with_.path.rglob("*") if p.is_file())
     assert b["total"] == on_disk and b["total"] == b["atoms"] + b["matrices"] + b["other"] + b["manifest"]
-    assert reopened.manifest["tensor_stats"] == {"gram": TENSOR_GRAM} and reopened.summary()["tensor_stats"]
+    assert reopened.manifest["tensor_stats"] == {"gram": TENSOR_GRAM, "nonzero_rows": TENSOR_ROWS}
+    assert reopened.summary()["tensor_stats"]
 
 
 def test_a_damaged_tensor_gram_file_is_refused(family, tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.numpy import save_file as save_numpy
 
 from tvbasis import __version__
 from tvbasis.engine.residual_pass import residual_pass
@@ -30,6 +31,7 @@ from tvbasis.store.format import (
     MANIFEST,
     MATRICES,
     TENSOR_GRAM,
+    TENSOR_ROWS,
     Store,
     file_sizes,
     open_store,
@@ -130,8 +132,14 @@ def build_store(
     hashers = None
     # Known statistics replace the Gram pass only if they hold all that this build saves.
     # Per-tensor bases are fitted on the per-tensor Gram matrices, so the pass gathers them too.
-    need_grams = tensor_stats or (codes is not None and codes.tensor_bases)
-    known_enough = known is not None and (not need_grams or known.tensor_grams is not None)
+    # Codes that skip zero rows need every task's count of them (gathered with the same pass).
+    need_counts = tensor_codes is not None and any(tc.residual.name == "rows" for tc in tensor_codes.values())
+    need_grams = tensor_stats or (codes is not None and codes.tensor_bases) or need_counts
+    known_enough = (
+        known is not None
+        and (not need_grams or known.tensor_grams is not None)
+        and (not need_counts or known.nonzero_rows is not None)
+    )
     if known is not None and known_enough and not method.observes and method.stores_atoms:
         if known.gram.shape != (tvs.n_tasks, tvs.n_tasks):
             raise TvbasisError(f"known Gram matrix is {known.gram.shape}, there are {tvs.n_tasks} tasks")
@@ -199,7 +207,7 @@ def build_store(
         manifest = _manifest(tvs, method, stats.base_hash, stats.task_hashes, metrics, dtype, vectors)
         if tensor_stats:
             assert stats.tensor_grams is not None
-            save_tensor_grams(tmp, manifest, stats.tensor_grams, [i.name for i in tvs.tensors])
+            save_tensor_grams(tmp, manifest, stats.tensor_grams, [i.name for i in tvs.tensors], stats.nonzero_rows)
         if unrounded_metrics is not None:
             for t, task in enumerate(manifest["tasks"]):
                 task["rel_error_unrounded"] = float(unrounded_metrics["rel_error"][t])
@@ -224,6 +232,12 @@ def _tensor_codes(codes: CodePlan | None, method: BasisMethod, names: list[str])
                 f"--method {method.name}: its atoms are not stored, so residual codes cannot follow them"
             )
         tensor_codes = {n: dataclasses.replace(tc, basis=False) for n, tc in tensor_codes.items()}
+    for n, tc in tensor_codes.items():
+        if tc.residual.name == "rows" and (tc.basis or tc.tensor_atoms):
+            raise TvbasisError(
+                f"tensor {n!r}: code {tc.residual} skips rows that are zero in every task's own vector, so it "
+                f"codes what no basis covers; build with -M 0, or leave the tensor out of the basis"
+            )
     return tensor_codes
 
 
@@ -239,7 +253,9 @@ def _write_residuals(
 ) -> None:
     """The residual pass: code every task's residual against the atoms in ``tmp``, record the
     codes in ``manifest`` and replace the tasks' errors with those of basis and residual together."""
-    writer = ResidualWriter(tmp, tensor_codes, {i.name: i.shape for i in tvs.tensors}, tvs.task_names)
+    writer = ResidualWriter(
+        tmp, tensor_codes, {i.name: i.shape for i in tvs.tensors}, tvs.task_names, stats.nonzero_rows
+    )
     writer.create()
     manifest["residuals"] = writer.manifest_entry()
     # The store as written so far reads the atoms back as stored (rounded, zero where not covered).
@@ -267,15 +283,29 @@ def _write_residuals(
         task["cosine"] = float(metrics["cosine"][t])
 
 
-def save_tensor_grams(tmp: Path, manifest: dict[str, Any], grams: dict[str, np.ndarray], names: list[str]) -> None:
-    """Write the per-tensor Gram matrices (one (T, T) float64 tensor per tensor name) and
-    record them in ``manifest``; the tensor order is the layout's."""
+def save_tensor_grams(
+    tmp: Path,
+    manifest: dict[str, Any],
+    grams: dict[str, np.ndarray],
+    names: list[str],
+    nonzero_rows: dict[str, np.ndarray] | None = None,
+) -> None:
+    """Write the per-tensor Gram matrices (one (T, T) float64 tensor per tensor name) and, if
+    known, the per-tensor counts of nonzero rows ((T,) int64), and record them in ``manifest``;
+    the tensor order is the layout's."""
     T = manifest["n_tasks"]
     for name in names:
         if grams[name].shape != (T, T):
             raise TvbasisError(f"per-tensor Gram matrix of {name!r} is {grams[name].shape}, there are {T} tasks")
     save_matrices(tmp / TENSOR_GRAM, {name: grams[name] for name in names})
     manifest["tensor_stats"] = {"gram": TENSOR_GRAM}
+    if nonzero_rows is not None:
+        for name in names:
+            if nonzero_rows[name].shape != (T,):
+                raise TvbasisError(f"row counts of {name!r} are {nonzero_rows[name].shape}, there are {T} tasks")
+        counts = {name: np.ascontiguousarray(nonzero_rows[name], dtype=np.int64) for name in names}
+        save_numpy(counts, str(tmp / TENSOR_ROWS))
+        manifest["tensor_stats"]["nonzero_rows"] = TENSOR_ROWS
 
 
 def _check_hashes(tvs: TaskVectorSet, known: GramStats, hashes: list[str]) -> None:
@@ -407,9 +437,10 @@ def _byte_counts(files: dict[str, int], manifest_bytes: int, dim: int, n_tasks: 
     atoms = sum(s for f, s in files.items() if f.startswith(f"{ATOMS_DIR}/"))
     total = sum(files.values()) + manifest_bytes
     original = dim * n_tasks * 4
-    # The per-tensor Gram matrices count as matrices (and are also shown on their own).
-    tensor_gram = {"tensor_gram": files[TENSOR_GRAM]} if TENSOR_GRAM in files else {}
-    matrices = files.get(MATRICES, 0) + files.get(TENSOR_GRAM, 0)
+    # The per-tensor statistics (Gram matrices, row counts) count as matrices (and are also shown on their own).
+    stats_bytes = files.get(TENSOR_GRAM, 0) + files.get(TENSOR_ROWS, 0)
+    tensor_gram = {"tensor_gram": stats_bytes} if TENSOR_GRAM in files else {}
+    matrices = files.get(MATRICES, 0) + stats_bytes
     residuals = sum(s for f, s in files.items() if f.startswith(f"{RESIDUALS_DIR}/"))
     return {
         "atoms": atoms,

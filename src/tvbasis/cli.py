@@ -892,7 +892,7 @@ def plan(
 def _print_budget_plan(
     store: Path, budget: float, atoms: list[int] | None, noise_weight: float, objective: str, seed: int, as_json: bool
 ) -> None:
-    from tvbasis.planning.budget import plan_budget, stats_from_store
+    from tvbasis.planning.budget import nonzero_rows_from_store, plan_budget, stats_from_store
 
     try:
         gram, grams, shapes, names = stats_from_store(store)
@@ -906,6 +906,7 @@ def _print_budget_plan(
             seed=seed,
             noise_weight=noise_weight,
             objective=objective,
+            nonzero_rows=nonzero_rows_from_store(store),
         )
     except TvbasisError as exc:
         _fail(exc)

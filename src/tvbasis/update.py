@@ -156,6 +156,11 @@ def add_task(
         tensor_grams = {
             n: _grown(old_n, stats.tensor_grams[n], known=not missing) for n, old_n in store.tensor_grams.items()
         }
+    counts = store.tensor_nonzero_rows
+    if counts is not None and stats.nonzero_rows is not None:  # the new task is the pass's first
+        counts = {n: np.append(c, stats.nonzero_rows[n][0]) for n, c in counts.items()}
+    else:
+        counts = None
     # The projection and its error use inner products of the very same atom bytes: the stored
     # atom_gram may be exact (from G) while the atoms on disk are rounded, and for a task that
     # lies in their span the error formula would magnify that mismatch.
@@ -178,7 +183,7 @@ def add_task(
     }
     manifest = _updated_manifest(store, [*store.manifest["tasks"], entry], f"add-task {task.name}")
     result = AddedTask(task.name, entry["rel_error"], entry["cosine"], w[:, 0], not missing, missing)
-    return _write(store, out_path, manifest, matrices, tensor_grams), result
+    return _write(store, out_path, manifest, matrices, tensor_grams, counts), result
 
 
 def _grown(old: np.ndarray, new: np.ndarray, known: bool) -> np.ndarray:
@@ -210,7 +215,10 @@ def remove_task(
     tasks = [task for i, task in enumerate(store.manifest["tasks"]) if i != t]
     grams = store.tensor_grams
     tensor_grams = None if grams is None else {n: g[np.ix_(keep, keep)] for n, g in grams.items()}
-    return _write(store, out_path, _updated_manifest(store, tasks, f"remove-task {name}"), matrices, tensor_grams)
+    counts = store.tensor_nonzero_rows
+    counts = None if counts is None else {n: c[keep] for n, c in counts.items()}
+    manifest = _updated_manifest(store, tasks, f"remove-task {name}")
+    return _write(store, out_path, manifest, matrices, tensor_grams, counts)
 
 
 @dataclass
@@ -274,7 +282,7 @@ def refit(
     known = None
     if plan.passes == 1:
         hashes = [t["content_hash"] for t in m["tasks"]]
-        known = GramStats(store.gram, m["base"]["content_hash"], hashes, store.tensor_grams)
+        known = GramStats(store.gram, m["base"]["content_hash"], hashes, store.tensor_grams, store.tensor_nonzero_rows)
     return build_store(
         plan.base,
         plan.tasks,
@@ -316,6 +324,7 @@ def _write(
     manifest: dict[str, Any],
     matrices: dict[str, np.ndarray],
     tensor_grams: dict[str, np.ndarray] | None = None,
+    nonzero_rows: dict[str, np.ndarray] | None = None,
 ) -> Store:
     """Write the updated store at ``out`` (replacing ``store`` itself when ``out`` is its path)."""
     manifest.pop("tensor_stats", None)  # set again below when the per-tensor Gram matrices are written
@@ -334,6 +343,6 @@ def _write(
                     shutil.copy2(f, dst)
         save_matrices(tmp / MATRICES, matrices)
         if tensor_grams is not None:
-            save_tensor_grams(tmp, manifest, tensor_grams, list(tensor_grams))
+            save_tensor_grams(tmp, manifest, tensor_grams, list(tensor_grams), nonzero_rows)
         finalise_store(tmp, manifest)
     return open_store(out)

@@ -95,6 +95,9 @@ class Code:
     row_local: bool = True
     #: Exact (bias_sq, variance) for a random code; None: deterministic, error is all bias.
     error: ErrorFn | None = None
+    #: For a code whose size depends on the data: ``(spec, shape, nonzero_rows) -> bytes`` when
+    #: only that many rows are nonzero (``nbytes`` then prices every row nonzero, an upper bound).
+    sparse_nbytes: Callable[[CodeSpec, tuple[int, ...], int], int] | None = None
 
 
 _REGISTRY: dict[str, Code] = {}
@@ -152,9 +155,20 @@ def decode(enc: Encoded) -> torch.Tensor:
     return code(enc.spec.name).decode(enc.spec, enc.shape, enc.key, enc.payload)
 
 
-def nbytes(spec: CodeSpec, shape: Sequence[int]) -> int:
-    """Bytes the payload of a tensor of ``shape`` takes under ``spec``, from the shape alone."""
-    return code(spec.name).nbytes(spec, tuple(int(s) for s in shape))
+def nbytes(spec: CodeSpec, shape: Sequence[int], nonzero_rows: int | None = None) -> int:
+    """Bytes the payload of a tensor of ``shape`` takes under ``spec``, from the shape alone; for a
+    code that skips zero rows (``rows:...``), from the shape and the count of nonzero rows
+    (without it, every row counts as nonzero)."""
+    c = code(spec.name)
+    dims = tuple(int(s) for s in shape)
+    if nonzero_rows is not None and c.sparse_nbytes is not None:
+        return c.sparse_nbytes(spec, dims, int(nonzero_rows))
+    return c.nbytes(spec, dims)
+
+
+def nonzero_row_count(x: torch.Tensor) -> int:
+    """Rows of ``x`` (its ``row_view_shape``) with any nonzero entry."""
+    return int(rows_of(x).ne(0).any(dim=1).sum()) if x.numel() else 0
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
-"""Bit packing of small unsigned codes, row by row.
+"""Bit packing of small unsigned codes, row by row, and of sorted positions.
 
 Each row is packed on its own (padded to a whole byte), so a block of rows packs to the same
-bytes whatever the chunking and a row's bytes are ``ceil(row_numel * bits / 8)``.
+bytes whatever the chunking and a row's bytes are ``ceil(row_numel * bits / 8)``. A sorted set
+of ``k`` positions among ``n`` is stored as a bitmap or as ``k`` little-endian indices of the
+fewest whole bytes, whichever is smaller: the choice follows from ``(n, k)``, so it costs nothing.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ def pack_rows(u: torch.Tensor, bits: int) -> torch.Tensor:
         return u.clone()
     per = 8 // bits
     rows, n = u.shape
+    if rows == 0:
+        return torch.zeros(0, packed_row_bytes(n, bits), dtype=torch.uint8)
     pad = -n % per
     if pad:
         u = torch.cat([u, torch.zeros(rows, pad, dtype=torch.uint8)], dim=1)
@@ -43,4 +47,38 @@ def unpack_rows(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     per = 8 // bits
     mask = (1 << bits) - 1
     parts = [(packed >> (bits * j)) & mask for j in range(per)]
-    return torch.stack(parts, dim=2).reshape(packed.shape[0], -1)[:, :n]
+    return torch.stack(parts, dim=2).reshape(packed.shape[0], packed.shape[1] * per)[:, :n]
+
+
+def index_width(n: int) -> int:
+    """Bytes of one index into ``n`` positions."""
+    return max(1, ((n - 1).bit_length() + 7) // 8)
+
+
+def uses_bitmap(n: int, k: int) -> bool:
+    """Whether ``k`` positions among ``n`` take fewer bytes (or as few) as a bitmap than as indices."""
+    return packed_row_bytes(n, 1) <= k * index_width(n)
+
+
+def positions_nbytes(n: int, k: int) -> int:
+    return min(packed_row_bytes(n, 1), k * index_width(n))
+
+
+def pack_positions(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """Sorted positions ``idx`` (int64) among ``n`` as uint8 bytes: a bitmap or little-endian indices."""
+    k = idx.numel()
+    if uses_bitmap(n, k):
+        bitmap = torch.zeros(1, n, dtype=torch.uint8)
+        bitmap[0, idx] = 1
+        return pack_rows(bitmap, 1).reshape(-1)
+    width = index_width(n)
+    return torch.stack([(idx >> (8 * b)) & 0xFF for b in range(width)], dim=1).to(torch.uint8).reshape(-1)
+
+
+def unpack_positions(where: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Inverse of ``pack_positions``: the ``k`` sorted positions, int64."""
+    if uses_bitmap(n, k):
+        return unpack_rows(where.reshape(1, -1), 1, n).reshape(-1).nonzero().reshape(-1)
+    width = index_width(n)
+    parts = where.reshape(k, width).to(torch.int64)
+    return sum((parts[:, b] << (8 * b) for b in range(width)), torch.zeros(k, dtype=torch.int64))

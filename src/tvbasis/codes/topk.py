@@ -17,17 +17,8 @@ from collections.abc import Mapping
 import torch
 
 from tvbasis.codes.core import Code, CodeSpec, TensorKey, count_of, fraction_arg
-from tvbasis.codes.packing import pack_rows, packed_row_bytes, unpack_rows
+from tvbasis.codes.packing import pack_positions, positions_nbytes, unpack_positions
 from tvbasis.errors import TvbasisError
-
-
-def index_width(numel: int) -> int:
-    """Bytes of one flat index into ``numel`` entries."""
-    return max(1, ((numel - 1).bit_length() + 7) // 8)
-
-
-def uses_bitmap(numel: int, k: int) -> bool:
-    return packed_row_bytes(numel, 1) <= k * index_width(numel)
 
 
 def _parse(head: str, args: list[str], text: str) -> CodeSpec:
@@ -45,15 +36,7 @@ def _encode(spec: CodeSpec, x: torch.Tensor, key: TensorKey) -> Mapping[str, tor
     numel = flat.numel()
     k = _k(spec, numel)
     idx = torch.sort(torch.topk(flat.abs(), k).indices).values
-    if uses_bitmap(numel, k):
-        bitmap = torch.zeros(1, numel, dtype=torch.uint8)
-        bitmap[0, idx] = 1
-        where = pack_rows(bitmap, 1).reshape(-1)
-    else:
-        width = index_width(numel)
-        # little-endian bytes of each index
-        where = torch.stack([(idx >> (8 * b)) & 0xFF for b in range(width)], dim=1).to(torch.uint8).reshape(-1)
-    return {"values": flat[idx].to(torch.float16), "positions": where}
+    return {"values": flat[idx].to(torch.float16), "positions": pack_positions(idx, numel)}
 
 
 def _decode(
@@ -61,13 +44,7 @@ def _decode(
 ) -> torch.Tensor:
     numel = math.prod(shape)
     k = _k(spec, numel)
-    where = payload["positions"]
-    if uses_bitmap(numel, k):
-        idx = unpack_rows(where.reshape(1, -1), 1, numel).reshape(-1).nonzero().reshape(-1)
-    else:
-        width = index_width(numel)
-        parts = where.reshape(k, width).to(torch.int64)
-        idx = sum((parts[:, b] << (8 * b) for b in range(width)), torch.zeros(k, dtype=torch.int64))
+    idx = unpack_positions(payload["positions"], numel, k)
     out = torch.zeros(numel, dtype=torch.float64)
     out[idx] = payload["values"].to(torch.float64)
     return out.reshape(shape)
@@ -76,7 +53,7 @@ def _decode(
 def _nbytes(spec: CodeSpec, shape: tuple[int, ...]) -> int:
     numel = math.prod(shape)
     k = _k(spec, numel)
-    return 2 * k + min(packed_row_bytes(numel, 1), k * index_width(numel))
+    return 2 * k + positions_nbytes(numel, k)
 
 
 CODES = (

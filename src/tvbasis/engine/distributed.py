@@ -37,6 +37,7 @@ from tvbasis.engine.streaming import (
     atom_sums,
     gram_sum,
     symmetrised,
+    layout_row_counts,
     symmetrised_tensor_grams,
 )
 from tvbasis.errors import TvbasisError
@@ -64,13 +65,14 @@ class TaskVectorSpec:
 
 def _gram_partition(
     spec: TaskVectorSpec, tensors: list[str], chunk_elements: int, partition_elements: int, tensor_stats: bool = False
-) -> tuple[np.ndarray, list[list[bytes]], dict[str, np.ndarray] | None]:
+) -> tuple[np.ndarray, list[list[bytes]], dict[str, np.ndarray] | None, dict[str, np.ndarray] | None]:
     set_quiet(True)
     tvs = spec.open(tensors)
     hashers = [ContentHash() for _ in range(tvs.n_tasks + 1)]
     per_tensor: dict[str, np.ndarray] | None = {} if tensor_stats else None
-    gram = gram_sum(tvs, chunk_elements, None, hashers, partition_elements, per_tensor)
-    return gram, [h.digests for h in hashers], per_tensor
+    counts: dict[str, np.ndarray] | None = {} if tensor_stats else None
+    gram = gram_sum(tvs, chunk_elements, None, hashers, partition_elements, per_tensor, counts)
+    return gram, [h.digests for h in hashers], per_tensor, counts
 
 
 def _atom_partition(
@@ -209,14 +211,23 @@ class DaskEngine:
         digests: list[list[bytes]] = [[] for _ in range(tvs.n_tasks + 1)]
         # Each tensor lies in one partition, so its G_n comes whole from one worker.
         per_tensor: dict[str, np.ndarray] | None = {} if tensor_stats else None
-        for part_gram, part_digests, part_tensors in results:
+        counts: dict[str, np.ndarray] | None = {} if tensor_stats else None
+        for part_gram, part_digests, part_tensors, part_counts in results:
             gram += part_gram
             for mine, theirs in zip(digests, part_digests, strict=True):
                 mine.extend(theirs)
             if per_tensor is not None:
                 per_tensor.update(part_tensors)
+            if counts is not None:
+                counts.update(part_counts)
         hashes = [combine_digests(d) for d in digests] if hash_inputs else [""] * (tvs.n_tasks + 1)
-        return GramStats(symmetrised(gram), hashes[0], hashes[1:], symmetrised_tensor_grams(tvs, per_tensor))
+        return GramStats(
+            symmetrised(gram),
+            hashes[0],
+            hashes[1:],
+            symmetrised_tensor_grams(tvs, per_tensor),
+            layout_row_counts(tvs, counts),
+        )
 
     def atom_pass(
         self,

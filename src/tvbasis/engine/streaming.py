@@ -86,6 +86,10 @@ class GramStats:
     task_hashes: list[str]
     #: With ``tensor_stats``: ``G_n = X_n^T X_n`` (T, T) float64 of every tensor, in layout order.
     tensor_grams: dict[str, np.ndarray] | None = None
+    #: With ``tensor_stats``: per tensor, each task's count of rows that are not all zero (T,)
+    #: int64 (rows as the codes see them: a 1-D tensor is one row). None where the pass did not
+    #: see the tasks' rows (only LoRA tasks: their Gram comes from the factors).
+    nonzero_rows: dict[str, np.ndarray] | None = None
 
 
 @dataclass
@@ -199,6 +203,7 @@ def gram_sum(
     hashers: Sequence[ContentHash] | None = None,
     partition_elements: int = PARTITION_ELEMENTS,
     tensor_grams: dict[str, np.ndarray] | None = None,
+    nonzero_rows: dict[str, np.ndarray] | None = None,
 ) -> np.ndarray:
     """``V^T V`` over ``tvs``' tensors, unsymmetrised: per-partition sums added in order.
 
@@ -207,7 +212,8 @@ def gram_sum(
     A worker thread reads, hashes and converts the chunks, in order, while this one
     accumulates the products. ``tensor_grams``, if given, receives each tensor's own
     ``X_n^T X_n`` (unsymmetrised) from the same per-chunk products: no extra read, and a
-    tensor never spans two partitions, so every engine gets the same bits.
+    tensor never spans two partitions, so every engine gets the same bits. ``nonzero_rows``, if
+    given, receives each tensor's count of nonzero rows per task (when the rows are read).
     """
     T = tvs.n_tasks
     chunks = plan_chunks(tvs.tensors, pass_chunk_elements(chunk_elements, T))
@@ -253,6 +259,8 @@ def gram_sum(
                     update = _mixed_update(T, dense, lora, X, factors)
                 _check_finite(tvs, chunk, np.diagonal(update))
                 partial += update
+                if nonzero_rows is not None and X is not None:
+                    _count_rows(tvs, chunk, X, nonzero_rows)
                 if per_tensor is not None:
                     per_tensor += update
                     if chunk.last:
@@ -268,6 +276,17 @@ def gram_sum(
         finally:
             reader.cancel()
     return gram
+
+
+def _count_rows(tvs: TaskVectorSet, chunk: Chunk, X: torch.Tensor, counts: dict[str, np.ndarray]) -> None:
+    """Add the chunk's nonzero rows per task to ``counts[chunk.tensor]`` (a 1-D tensor: 0 or 1)."""
+    T = X.shape[1]
+    nonzero = X.reshape(chunk.stop - chunk.start, chunk.row_numel, T).ne(0).any(dim=1)  # (rows, T)
+    total = counts.setdefault(chunk.tensor, np.zeros(T, dtype=np.int64))
+    if len(tvs.base.info(chunk.tensor).shape) >= 2:
+        total += nonzero.sum(dim=0).numpy()
+    else:
+        np.maximum(total, nonzero.any(dim=0).numpy().astype(np.int64), out=total)
 
 
 def _mixed_update(
@@ -342,12 +361,14 @@ def gram_pass(
     ``tensor_stats``, every tensor's own Gram matrix ``G_n``, gathered in the same pass)."""
     hashers = [ContentHash() for _ in range(tvs.n_tasks + 1)] if hash_inputs else None
     per_tensor: dict[str, np.ndarray] | None = {} if tensor_stats else None
-    gram = gram_sum(tvs, chunk_elements, observe, hashers, partition_elements, per_tensor)
+    counts: dict[str, np.ndarray] | None = {} if tensor_stats else None
+    gram = gram_sum(tvs, chunk_elements, observe, hashers, partition_elements, per_tensor, counts)
     return GramStats(
         gram=symmetrised(gram),
         base_hash=hashers[0].hexdigest() if hashers else "",
         task_hashes=[h.hexdigest() for h in hashers[1:]] if hashers else [],
         tensor_grams=symmetrised_tensor_grams(tvs, per_tensor),
+        nonzero_rows=layout_row_counts(tvs, counts),
     )
 
 
@@ -357,6 +378,15 @@ def symmetrised_tensor_grams(tvs: TaskVectorSet, raw: dict[str, np.ndarray] | No
         return None
     zero = np.zeros((tvs.n_tasks, tvs.n_tasks), dtype=np.float64)  # a tensor with no entries has no chunk
     return {i.name: symmetrised(raw.get(i.name, zero)) for i in tvs.tensors}
+
+
+def layout_row_counts(tvs: TaskVectorSet, counts: dict[str, np.ndarray] | None) -> dict[str, np.ndarray] | None:
+    """Every tensor's nonzero-row counts in layout order, or None if the pass did not count rows
+    (it reads them unless every task is a LoRA adapter)."""
+    if counts is None or (not tvs.dense_tasks and tvs.lora_tasks):
+        return None
+    zero = np.zeros(tvs.n_tasks, dtype=np.int64)  # a tensor with no entries has no chunk
+    return {i.name: counts.get(i.name, zero) for i in tvs.tensors}
 
 
 def symmetrised(gram: np.ndarray) -> np.ndarray:

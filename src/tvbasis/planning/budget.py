@@ -25,7 +25,7 @@ seconds (``T x T`` matrices only), far below a build.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -204,14 +204,24 @@ def _header_bytes(specs: list[TensorSpec]) -> int:
     return len(prefix)
 
 
-def _overhead(n_tasks: int, shapes: Mapping[str, tuple[int, ...]], n_atoms: int, residual_codes: Sequence[str]) -> int:
+def _overhead(
+    n_tasks: int,
+    shapes: Mapping[str, tuple[int, ...]],
+    n_atoms: int,
+    residual_codes: Sequence[str],
+    sparse: Collection[str] = (),
+) -> int:
     """Headers of the residual and atom files, the matrices and a fixed allowance (an upper estimate)."""
-    # Residual headers: price every tensor with the candidate whose parts are most numerous.
-    widest = max((parse_code(c) for c in residual_codes), key=lambda s: len(payload_parts(s, (2, 2))))
+    # Residual headers: price every tensor with the candidate whose parts are most numerous (with
+    # a code that skips zero rows for the tensors in ``sparse``, which have some).
+    parsed = [parse_code(c) for c in residual_codes]
+    dense = [s for s in parsed if s.name != "rows"] or parsed
+    widest = max(dense, key=lambda s: len(payload_parts(s, (2, 2))))
+    widest_sparse = max(parsed, key=lambda s: len(payload_parts(s, (2, 2))))
     specs = [
         TensorSpec(f"{n}/{p.name}", p.shape, p.dtype)
         for n, shape in shapes.items()
-        for p in payload_parts(widest, shape)
+        for p in payload_parts(widest_sparse if n in sparse else widest, shape)
     ]
     residual_headers = n_tasks * _header_bytes(specs)
     atom_specs = [TensorSpec(n, s, torch.int8) for n, s in shapes.items()]
@@ -236,13 +246,17 @@ def plan_budget(
     tensor_atoms: Sequence[int] | None = None,
     tensor_atom_codes: Sequence[str] = TENSOR_ATOM_CODES,
     objective: str = "mean",
+    nonzero_rows: Mapping[str, np.ndarray] | None = None,
 ) -> BudgetPlan:
     """The plan with the least estimated proxy loss within ``budget`` (a fraction of the T fp32
     task vectors' bytes if <= 1, else bytes), over M in ``atoms`` (default 0, 1, 2, 4 ... T - 1)
     for the global basis, and per tensor over its own bases of ``tensor_atoms`` atoms (default
     the same sizes but 0; a tensor with its own basis is not covered by the global one), their
     atoms coded with each of ``tensor_atom_codes``. ``objective`` is the loss minimised: the mean
-    over tasks, or the worst task's (``worst``, by reweighting tasks; see ``_worst_case``)."""
+    over tasks, or the worst task's (``worst``, by reweighting tasks; see ``_worst_case``).
+    ``nonzero_rows`` (per tensor, each task's count of nonzero rows) lets a tensor that no basis
+    covers and that some task leaves with zero rows use each code as ``rows:CODE``, which pays
+    only for the nonzero rows."""
     T = gram.shape[0]
     names = list(tensor_grams)
     if set(names) != set(shapes):
@@ -259,6 +273,8 @@ def plan_budget(
     atom_codes = [check_atom_code(parse_code(c)) for c in tensor_atom_codes]
     if not any(s.name == "none" for s in specs):
         specs.insert(0, CodeSpec("none"))
+    row_specs = [] if nonzero_rows is None else [_rows_of(s) for s in specs if s.name not in ("none", "rows")]
+    sparse = _sparse_tensors(nonzero_rows, shapes, T)
     sq_norm = np.where(np.diag(gram) > 0, np.diag(gram), 1.0)
     if atoms is None:
         atoms = sorted({0, *(m for m in (1, 2, 4, 8, 16, 32) if m < T), max(T - 1, 0)})
@@ -271,7 +287,7 @@ def plan_budget(
         if not 0 <= m <= T:
             raise TvbasisError(f"--atoms {m}: must be between 0 and T = {T}")
         encoder, decoder = _pca(gram, m) if m else (np.zeros((T, 0)), np.zeros((0, T)))
-        overhead = _overhead(T, shapes, m, [str(s) for s in specs])
+        overhead = _overhead(T, shapes, m, [str(s) for s in (*specs, *row_specs)], sparse)
         options = _tensor_options(
             names,
             shapes,
@@ -285,6 +301,8 @@ def plan_budget(
             tensor_atoms,
             own_energy,
             atom_codes,
+            nonzero_rows,
+            row_specs,
         )
         if objective == "worst":
             plan = _worst_case(options, budget_bytes - overhead, noise_weight)
@@ -312,9 +330,11 @@ def estimate_plan(
     *,
     task_names: Sequence[str] | None = None,
     noise_weight: float = DEFAULT_NOISE_WEIGHT,
+    nonzero_rows: Mapping[str, np.ndarray] | None = None,
 ) -> BudgetPlan:
     """The planner's estimates (bytes, per-task bias and variance) for a given code plan with a
-    global pca basis of ``n_atoms`` atoms: how the planner sees a store it did not choose."""
+    global pca basis of ``n_atoms`` atoms: how the planner sees a store it did not choose
+    (``nonzero_rows`` as for ``plan_budget``: needed to price ``rows:...`` codes)."""
     T = gram.shape[0]
     names = list(tensor_grams)
     encoder, decoder = _pca(gram, n_atoms) if n_atoms else (np.zeros((T, 0)), np.zeros((0, T)))
@@ -336,10 +356,12 @@ def estimate_plan(
             noise_weight,
             [tc.tensor_atoms] if tc.tensor_atoms else [],
             atom_codes=[tc.atom_code],
+            nonzero_rows=nonzero_rows,
         )
         choices.append(next(c for _, c in options if c.code == tc))
     original = 4 * T * sum(math.prod(s) for s in shapes.values())
-    overhead = _overhead(T, shapes, n_atoms, [str(codes.of(n).residual) for n in names])
+    sparse = {n for n in names if codes.of(n).residual.name == "rows"}
+    overhead = _overhead(T, shapes, n_atoms, [str(codes.of(n).residual) for n in names], sparse)
     plan = BudgetPlan(n_atoms, choices, 0, original, overhead, noise_weight, list(task_names or range(T)))
     plan.budget_bytes = plan.nbytes
     return plan
@@ -358,9 +380,15 @@ def _tensor_options(
     tensor_atoms: Sequence[int] = (),
     own_energy: dict[tuple[str, int], np.ndarray] | None = None,
     atom_codes: Sequence[CodeSpec] = (TENSOR_ATOM_CODE,),
+    nonzero_rows: Mapping[str, np.ndarray] | None = None,
+    row_specs: Sequence[CodeSpec] = (),
 ) -> list[list[tuple[float, Choice]]]:
     """Per tensor, every candidate as ``(mean proxy loss, Choice)``. ``own_energy`` caches the
     residual energies of the tensors' own bases, which do not depend on the global basis.
+
+    ``rows:CODE`` candidates (``row_specs``, on tensors where some task has zero rows, and any
+    in ``specs``) code only what no basis covers; they cost each task's nonzero rows' bytes and
+    lose what ``CODE`` loses, as zero rows carry no energy and decode exactly.
 
     A tensor's own atoms are coded with each of ``atom_codes``; their rounding adds the code's
     relative error of the energy the basis captures to the residual (the atoms are orthogonal, so
@@ -386,19 +414,54 @@ def _tensor_options(
                     rounding = relative_error(atom_code, row_numel, rows)[0] * np.clip(energy_n - residual, 0.0, None)
                     own_bytes = own * (nbytes(atom_code, shape) + 8 * T + TENSOR_ATOM_HEADER)
                     bases[(False, own, atom_code)] = (residual + rounding, own_bytes)
-        rel = np.array([relative_error(spec, row_numel, rows) for spec in specs])  # (codes, 2)
-        code_bytes = [T * nbytes(spec, shape) for spec in specs]
+        counts = None if nonzero_rows is None else nonzero_rows.get(n)
+        tensor_specs = list(specs)
+        if n in _sparse_tensors(nonzero_rows, {n: shape}, T):
+            tensor_specs += [s for s in row_specs if s not in tensor_specs]
+        rel = np.array([relative_error(spec, row_numel, rows) for spec in tensor_specs])  # (codes, 2)
+        code_bytes = [_code_bytes(n, spec, shape, counts, T) for spec in tensor_specs]
         per_tensor = []
         for (basis, own, atom_code), (energy, basis_bytes) in bases.items():
             share = energy / sq_norm
             bias, var = rel[:, :1] * share, rel[:, 1:] * share  # (codes, T)
             losses = (bias + noise_weight * var).mean(axis=1)
-            for k, spec in enumerate(specs):
+            for k, spec in enumerate(tensor_specs):
+                if spec.name == "rows" and (basis or own):
+                    continue  # a basis' residual is nonzero wherever any task is
                 tc = TensorCode(basis, spec, own, atom_code) if own else TensorCode(basis, spec)
                 choice = Choice(n, tc, basis_bytes + code_bytes[k], bias[k], var[k])
                 per_tensor.append((float(losses[k]), choice))
         options.append(per_tensor)
     return options
+
+
+def _rows_of(spec: CodeSpec) -> CodeSpec:
+    return parse_code(f"rows:{spec}")
+
+
+def _sparse_tensors(
+    nonzero_rows: Mapping[str, np.ndarray] | None, shapes: Mapping[str, tuple[int, ...]], n_tasks: int
+) -> set[str]:
+    """Tensors where some task has rows that are all zero (``rows:...`` codes save bytes there)."""
+    if nonzero_rows is None:
+        return set()
+    return {
+        n
+        for n, shape in shapes.items()
+        if n in nonzero_rows and int(np.sum(nonzero_rows[n])) < n_tasks * row_view_shape(tuple(shape))[0]
+    }
+
+
+def _code_bytes(tensor: str, spec: CodeSpec, shape: tuple[int, ...], counts: np.ndarray | None, n_tasks: int) -> int:
+    """Bytes of all tasks' residuals of ``tensor`` under ``spec`` (by each task's nonzero rows for ``rows:...``)."""
+    if spec.name != "rows":
+        return n_tasks * nbytes(spec, shape)
+    if counts is None:
+        raise TvbasisError(
+            f"tensor {tensor!r}: pricing code {spec} needs every task's count of nonzero rows; plan from a "
+            f"store built with --tensor-stats by this version (from full fine-tunes, not only LoRA adapters)"
+        )
+    return sum(nbytes(spec, shape, int(c)) for c in counts)
 
 
 def _worst_case(
@@ -465,7 +528,9 @@ def _solve(loss: np.ndarray, size: np.ndarray, budget: int) -> np.ndarray | None
         return float(size[rows, idx].sum())
 
     # the fewest bytes per tensor (sizes are whole bytes, so the loss only breaks ties)
-    cheapest = np.argmin(np.where(np.isfinite(loss), size + 1e-3 * loss / (1.0 + loss), np.inf), axis=1)
+    finite = np.isfinite(loss)  # padding (tensors with fewer candidates) is infinite
+    bounded = np.where(finite, loss, 0.0) / (1.0 + np.where(finite, loss, 0.0))
+    cheapest = np.argmin(np.where(finite, size + 1e-3 * bounded, np.inf), axis=1)
     if total(cheapest) > budget:
         return None
     idx = pick(0.0)
@@ -517,6 +582,14 @@ def stats_from_store(
     if not np.isfinite(store.gram).all():
         raise TvbasisError(f"{store.path}: its Gram matrix is incomplete (add-task could not read earlier inputs)")
     return store.gram, grams, {n: store.shape_of(n) for n in grams}, store.task_names
+
+
+def nonzero_rows_from_store(path: str | Path) -> dict[str, np.ndarray] | None:
+    """Per tensor, each task's count of nonzero rows, as a store built with ``--tensor-stats`` keeps
+    them (None for a store built before they were kept, or from LoRA adapters only)."""
+    from tvbasis.store import open_store
+
+    return open_store(path).tensor_nonzero_rows
 
 
 def build_for_budget(
@@ -572,6 +645,7 @@ def build_for_budget(
             source.manifest["base"]["content_hash"],
             [t["content_hash"] for t in source.manifest["tasks"]],
             grams,
+            source.tensor_nonzero_rows,
         )
     else:
         stats = (engine or LocalEngine()).gram_pass(tvs, chunk_elements, tensor_stats=True)
@@ -594,6 +668,7 @@ def build_for_budget(
             tensor_atoms=tensor_atoms,
             tensor_atom_codes=tensor_atom_codes,
             objective=objective,
+            nonzero_rows=stats.nonzero_rows,
         )
         store = build_store(
             base,

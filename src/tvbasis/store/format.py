@@ -47,6 +47,8 @@ MATRICES = "matrices.safetensors"
 ATOMS_DIR = "atoms"
 #: Per-tensor Gram matrices (opt-in): one (T, T) float64 tensor per task-vector tensor.
 TENSOR_GRAM = "tensor_gram.safetensors"
+#: With them, each tensor's count of nonzero rows per task: one (T,) int64 tensor per tensor.
+TENSOR_ROWS = "tensor_rows.safetensors"
 
 
 def vector_names(n_atoms: int, has_mean: bool) -> list[str]:
@@ -123,6 +125,21 @@ class Store:
         if missing:
             raise StoreError(f"{self.path / TENSOR_GRAM}: no Gram matrix for tensor {missing[0]!r}")
         return {n: arrays[n] for n in self._shapes}
+
+    @cached_property
+    def tensor_nonzero_rows(self) -> dict[str, np.ndarray] | None:
+        """Each tensor's count of nonzero rows per task (T,) in layout order, or None (a store
+        without per-tensor statistics, or one whose Gram pass did not read the rows)."""
+        if TENSOR_ROWS not in self.manifest.get("files", {}):
+            return None
+        try:
+            arrays = load_numpy(str(self.path / TENSOR_ROWS))
+        except Exception as exc:
+            raise StoreError(f"{self.path / TENSOR_ROWS}: cannot read ({exc})") from None
+        missing = [n for n in self._shapes if n not in arrays]
+        if missing:
+            raise StoreError(f"{self.path / TENSOR_ROWS}: no row counts for tensor {missing[0]!r}")
+        return {n: arrays[n].astype(np.int64) for n in self._shapes}
 
     @property
     def tensors(self) -> list[TensorInfo]:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from tvbasis.codes import CodeSpec, TensorKey, code, decode, encode, nbytes, parse_code
-from tvbasis.codes.core import Encoded
+from tvbasis.codes.core import Encoded, row_view_shape
 from tvbasis.errors import TvbasisError
 from tvbasis.io.checkpoint import Checkpoint, _safetensors_infos
 from tvbasis.io.writer import RowWriter, TensorSpec
@@ -144,16 +144,21 @@ class PayloadPart:
     per_row: bool  # one entry per row of the tensor: written and read by rows
 
 
-def payload_parts(spec: CodeSpec, shape: tuple[int, ...]) -> list[PayloadPart]:
+def payload_parts(spec: CodeSpec, shape: tuple[int, ...], nonzero_rows: int | None = None) -> list[PayloadPart]:
     """The payload tensors of one task's residual on a tensor of ``shape``, found by coding zeros.
 
     A row-local code on a 2+-D tensor is probed on two rows: parts with two rows scale with the
-    tensor's rows, the others (a seed) are whole. Other codes are probed on the whole shape.
+    tensor's rows, the others (a seed) are whole. Other codes are probed on the whole shape; a
+    code whose parts depend on the count of nonzero rows (``rows:...``) on a probe with
+    ``nonzero_rows`` nonzero rows (none if not given).
     """
     if spec.name == "none":
         return []
     if whole_tensor(spec, shape):
-        enc = encode(spec, torch.zeros(shape, dtype=torch.float32))
+        probe = torch.zeros(shape, dtype=torch.float32)
+        if nonzero_rows and code(spec.name).sparse_nbytes is not None:
+            probe.reshape(row_view_shape(tuple(shape)))[:nonzero_rows] = 1.0
+        enc = encode(spec, probe)
         return [PayloadPart(k, tuple(v.shape), v.dtype, False) for k, v in enc.payload.items()]
     probe = encode(spec, torch.zeros((2, *shape[1:]), dtype=torch.float32))
     parts = []
@@ -171,9 +176,22 @@ def task_file(t: int) -> str:
     return f"{RESIDUALS_DIR}/task-{t:03d}.safetensors"
 
 
-def residual_nbytes(codes: Mapping[str, TensorCode], shapes: Mapping[str, tuple[int, ...]], n_tasks: int) -> int:
-    """Payload bytes of all tasks' residuals (safetensors headers not counted)."""
-    return n_tasks * sum(nbytes(codes[n].residual, shapes[n]) for n in codes)
+def residual_nbytes(
+    codes: Mapping[str, TensorCode],
+    shapes: Mapping[str, tuple[int, ...]],
+    n_tasks: int,
+    nonzero_rows: Mapping[str, np.ndarray] | None = None,
+) -> int:
+    """Payload bytes of all tasks' residuals (safetensors headers not counted); codes that skip
+    zero rows are priced with each task's count of nonzero rows where given."""
+    total = 0
+    for n in codes:
+        counts = None if nonzero_rows is None else nonzero_rows.get(n)
+        if counts is None:
+            total += n_tasks * nbytes(codes[n].residual, shapes[n])
+        else:
+            total += sum(nbytes(codes[n].residual, shapes[n], int(c)) for c in counts)
+    return total
 
 
 @dataclass
@@ -184,12 +202,34 @@ class ResidualWriter:
     codes: dict[str, TensorCode]
     shapes: dict[str, tuple[int, ...]]
     task_names: list[str]
+    #: Per tensor, each task's count of nonzero rows: what ``rows:...`` codes store depends on it.
+    nonzero_rows: Mapping[str, np.ndarray] | None = None
     _writers: list[RowWriter] = field(default_factory=list, init=False, repr=False)
     _bases: RowWriter | None = field(default=None, init=False, repr=False)
 
+    def __post_init__(self) -> None:
+        for n, tc in self.codes.items():
+            if code(tc.residual.name).sparse_nbytes is not None and (
+                self.nonzero_rows is None or n not in self.nonzero_rows
+            ):
+                raise TvbasisError(
+                    f"tensor {n!r}: code {tc.residual} needs every task's count of nonzero rows, which the "
+                    f"Gram pass gathers from full fine-tunes only (not when every task is a LoRA adapter)"
+                )
+
     @cached_property
-    def parts(self) -> dict[str, list[PayloadPart]]:
-        return {n: payload_parts(tc.residual, self.shapes[n]) for n, tc in self.codes.items()}
+    def parts(self) -> list[dict[str, list[PayloadPart]]]:
+        """Per task, every tensor's payload parts (they differ between tasks for ``rows:...`` codes)."""
+        same = {n: payload_parts(tc.residual, self.shapes[n]) for n, tc in self.codes.items()}
+        out = []
+        for t in range(len(self.task_names)):
+            parts = dict(same)
+            for n, tc in self.codes.items():
+                if code(tc.residual.name).sparse_nbytes is not None:
+                    assert self.nonzero_rows is not None
+                    parts[n] = payload_parts(tc.residual, self.shapes[n], int(self.nonzero_rows[n][t]))
+            out.append(parts)
+        return out
 
     @cached_property
     def atom_parts(self) -> dict[str, list[PayloadPart]]:
@@ -198,8 +238,10 @@ class ResidualWriter:
 
     def create(self) -> None:
         (self.directory / RESIDUALS_DIR).mkdir(parents=True, exist_ok=True)
-        specs = [TensorSpec(part_key(n, p.name), p.shape, p.dtype) for n, parts in self.parts.items() for p in parts]
         for t, task in enumerate(self.task_names):
+            specs = [
+                TensorSpec(part_key(n, p.name), p.shape, p.dtype) for n, parts in self.parts[t].items() for p in parts
+            ]
             self._writers.append(
                 RowWriter(self.directory / task_file(t), specs, {"tvbasis_residual_task": task}, create=True)
             )
@@ -221,7 +263,15 @@ class ResidualWriter:
 
     def write(self, t: int, enc: Encoded, first_row: int, whole: bool) -> None:
         """Write task ``t``'s coded block (rows from ``first_row``; ``whole``: the block is the whole tensor)."""
-        self._write_parts(self._writers[t], self.parts[enc.key.tensor], enc, first_row, whole)
+        parts = self.parts[t][enc.key.tensor]
+        for p in parts:
+            if not p.per_row and tuple(enc.payload[p.name].shape) != p.shape:
+                raise TvbasisError(
+                    f"tensor {enc.key.tensor!r}, task {self.task_names[t]!r}: its coded residual's part "
+                    f"{p.name!r} has shape {tuple(enc.payload[p.name].shape)} where the Gram pass's row counts "
+                    f"made room for {p.shape}; did the input change during the build?"
+                )
+        self._write_parts(self._writers[t], parts, enc, first_row, whole)
 
     @staticmethod
     def _write_parts(
@@ -255,7 +305,7 @@ class ResidualWriter:
             "tensors": {n: tc.to_json() for n, tc in self.codes.items()},
             "files": [task_file(t) for t in range(T)],
             **({"tensor_bases": TENSOR_BASES} if self.atom_parts else {}),
-            "payload_bytes": residual_nbytes(self.codes, self.shapes, T) + basis_bytes,
+            "payload_bytes": residual_nbytes(self.codes, self.shapes, T, self.nonzero_rows) + basis_bytes,
         }
 
 
