@@ -34,7 +34,7 @@ from tvbasis.codes import parse_code
 from tvbasis.evaluation import runner
 from tvbasis.evaluation.protocol import effect_retained, gain_retained
 from tvbasis.methods import make_method
-from tvbasis.store import Store
+from tvbasis.store import Store, open_store
 from tvbasis.store.residuals import CodePlan, TensorCode, uniform_plan
 from tvbasis.tasks import TaskSource
 from tvbasis.textsuite.data import TASK_NAMES, load_task
@@ -80,6 +80,7 @@ def configurations(
     budgets: tuple[float, ...] = BUDGETS,
     noise_weight: float | None = None,
     tensor_atom_codes: tuple[str, ...] | None = None,
+    row_codes: bool = False,
 ) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     if "single" in kinds:
@@ -100,6 +101,9 @@ def configurations(
             if tensor_atom_codes is not None:
                 label += f", {'/'.join(tensor_atom_codes)} tensor atoms"
                 extra["tensor_atom_codes"] = list(tensor_atom_codes)
+            if row_codes:
+                label += ", rows codes"
+                extra["row_codes"] = True
             for seed in seeds:
                 out.append({"label": label, "kind": "planned", "budget": budget, "seed": seed, **extra})
     return out
@@ -127,7 +131,16 @@ def build_config(cfg: dict[str, Any], base: Path, sources: list[TaskSource], pat
         overwrite=True,
         noise_weight=cfg.get("noise_weight", UNLABELLED_NOISE_WEIGHT),
         tensor_atom_codes=tuple(cfg.get("tensor_atom_codes", UNLABELLED_TENSOR_ATOM_CODES)),
+        row_codes=cfg.get("row_codes", False),
     )
+
+
+def ensure_stats_store(plan_store: Path, base: Path, sources: list[TaskSource]) -> None:
+    """The planner's statistics store (per-tensor Gram matrices and row counts), built if missing
+    or older than the row counts."""
+    if (plan_store / "tvbasis.json").exists() and open_store(plan_store).tensor_nonzero_rows is not None:
+        return
+    build_store(base, sources, make_method("pca", 1), plan_store, overwrite=True, tensor_stats=True)
 
 
 #: A store's delta for task weights.
@@ -291,6 +304,7 @@ def main() -> None:
     ap.add_argument(
         "--tensor-atom-codes", nargs="+", default=None, help="codes the planner may give per-tensor atoms (int8 int4)"
     )
+    ap.add_argument("--row-codes", action="store_true", help="let the planner use rows:... codes (labelled)")
     ap.add_argument(
         "--full-val", action="store_true", help="choose lambdas on the whole validation splits (use its own --out)"
     )
@@ -334,13 +348,15 @@ def main() -> None:
         done = {key(json.loads(line)["config"]) for line in results_path.read_text().splitlines() if line.strip()}
     (args.out / "stores").mkdir(exist_ok=True)
     plan_store = args.out / "stores" / "stats"
-    if "planned" in args.configs and not (plan_store / "tvbasis.json").exists():
-        build_store(base, sources, make_method("pca", 1), plan_store, overwrite=True, tensor_stats=True)
+    if "planned" in args.configs:
+        ensure_stats_store(plan_store, base, sources)
     if args.backfill_matched:
         backfill_matched(results_path, args, base, sources, plan_store, ev, names, ref, limits, log)
         return
     atom_codes = tuple(args.tensor_atom_codes) if args.tensor_atom_codes else None
-    for cfg in configurations(args.configs, tuple(args.seeds), tuple(args.budgets), args.noise_weight, atom_codes):
+    for cfg in configurations(
+        args.configs, tuple(args.seeds), tuple(args.budgets), args.noise_weight, atom_codes, args.row_codes
+    ):
         if key(cfg) in done or (args.only and cfg["label"] not in args.only):
             continue
         path = args.out / "stores" / "current"

@@ -45,6 +45,7 @@ from frontier import (
     TextSuite,
     build_config,
     configurations,
+    ensure_stats_store,
     key,
     last_delta,
 )
@@ -234,6 +235,7 @@ def main() -> None:
     ap.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS), help="planned budgets (fractions)")
     ap.add_argument("--noise-weight", type=float, default=None, help="planner's weight of unbiased error")
     ap.add_argument("--tensor-atom-codes", nargs="+", default=None)
+    ap.add_argument("--row-codes", action="store_true", help="let the planner use rows:... codes (labelled)")
     ap.add_argument("--only", nargs="*", default=None, help="labels to run (default: all)")
     ap.add_argument("--draws", type=int, default=2000, help="validation draws per task")
     ap.add_argument("--draw-size", type=int, default=SUITE.val_limit, help="validation examples per draw")
@@ -278,8 +280,12 @@ def main() -> None:
             if row["settings"] == draws.settings:
                 done.add(key(row["config"]))
     plan_store = args.out / "stores" / "stats"
+    if "planned" in args.configs:
+        ensure_stats_store(plan_store, base, sources)
     atom_codes = tuple(args.tensor_atom_codes) if args.tensor_atom_codes else None
-    for cfg in configurations(args.configs, tuple(args.seeds), tuple(args.budgets), args.noise_weight, atom_codes):
+    for cfg in configurations(
+        args.configs, tuple(args.seeds), tuple(args.budgets), args.noise_weight, atom_codes, args.row_codes
+    ):
         if key(cfg) in done or (args.only and cfg["label"] not in args.only):
             continue
         path = args.out / "stores" / "resampled-current"

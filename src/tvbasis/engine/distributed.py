@@ -36,8 +36,8 @@ from tvbasis.engine.streaming import (
     atom_stats_from_sums,
     atom_sums,
     gram_sum,
-    symmetrised,
     layout_row_counts,
+    symmetrised,
     symmetrised_tensor_grams,
 )
 from tvbasis.errors import TvbasisError

@@ -611,13 +611,15 @@ def build_for_budget(
     chunk_elements: int | None = None,
     overwrite: bool = False,
     engine: Any = None,
+    row_codes: bool = True,
 ) -> Any:
     """Plan every tensor's code for ``budget`` and build that store (int8 global atoms, per-tensor
     atoms in int8 or int4, coded residuals).
 
     The statistics come from ``stats_store`` (a store of the same inputs built with
     ``--tensor-stats``; its content hashes are checked while building) or from a Gram pass
-    gathering them; then the atom and residual passes write the store. If the store comes out
+    gathering them; then the atom and residual passes write the store. ``row_codes=False`` keeps
+    ``rows:...`` codes out of the plan (as planned before they existed). If the store comes out
     above the budget (the fixed overhead is an estimate), it is planned and built once more with
     the excess taken off.
     """
@@ -668,7 +670,7 @@ def build_for_budget(
             tensor_atoms=tensor_atoms,
             tensor_atom_codes=tensor_atom_codes,
             objective=objective,
-            nonzero_rows=stats.nonzero_rows,
+            nonzero_rows=stats.nonzero_rows if row_codes else None,
         )
         store = build_store(
             base,
