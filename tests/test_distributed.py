@@ -92,6 +92,7 @@ def test_dask_engine_builds_the_same_store(
     [
         (2, TensorCode(True, parse_code("keep:0.5:int4:seed=3"))),  # global basis + random-keep residuals
         (0, TensorCode(False, parse_code("int4"), tensor_atoms=2)),  # per-tensor bases + int4 residuals
+        (0, TensorCode(False, parse_code("rows:keep:0.5:int4:seed=1"))),  # sized by the engine's row counts
     ],
 )
 def test_dask_engine_builds_the_same_coded_store(family, dask_engine, tmp_path: Path, n_atoms, code) -> None:
