@@ -40,11 +40,12 @@ def main() -> None:
     build_store(base, sources, make_method("pca", 1), args.out / "stats", overwrite=True, tensor_stats=True)
     stats_s = time.perf_counter() - t0
     gram, grams, shapes, names = planner.stats_from_store(args.out / "stats")
+    counts = planner.nonzero_rows_from_store(args.out / "stats")  # rows:... candidates where rows are zero
     t0 = time.perf_counter()
-    planner.plan_budget(gram, grams, shapes, args.budget, task_names=names)
+    planner.plan_budget(gram, grams, shapes, args.budget, task_names=names, nonzero_rows=counts)
     cold = time.perf_counter() - t0
     t0 = time.perf_counter()
-    plan = planner.plan_budget(gram, grams, shapes, args.budget, task_names=names)
+    plan = planner.plan_budget(gram, grams, shapes, args.budget, task_names=names, nonzero_rows=counts)
     warm = time.perf_counter() - t0
     t0 = time.perf_counter()
     store = planner.build_for_budget(
