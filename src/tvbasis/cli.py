@@ -165,7 +165,8 @@ def build(
         str | None,
         typer.Option(
             help="Code each task's residual tau_t - S W[:, t] on every tensor with this code "
-            "(int8, int4, keep:0.0625:int4:seed=0, ...; see docs/codes.md). -M 0 codes the task vectors alone.",
+            "(int8, int4, keep:0.0625:int4:seed=0, rows:int4 ...; see docs/codes.md). -M 0 codes the task "
+            "vectors alone.",
         ),
     ] = None,
     tensor_atoms: Annotated[
