@@ -3,6 +3,7 @@ the counts, the planner prices the code with them."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -273,3 +274,23 @@ def test_the_planner_uses_rows_codes_where_rows_are_zero(sparse, tmp_path: Path)
         sparse.base, sparse.tasks, make_method("pca", 0), tmp_path / "r", exclude=EXCLUDE, codes=plan
     )
     assert sum(c.nbytes for c in priced.choices) == rows_store.manifest["residuals"]["payload_bytes"]
+
+
+def test_plan_shows_the_share_of_rows_each_tensor_changes(sparse, tmp_path: Path) -> None:
+    stats = tmp_path / "stats"
+    build_store(sparse.base, sparse.tasks, make_method("pca", 1), stats, exclude=EXCLUDE, tensor_stats=True)
+    shown = runner.invoke(app, ["plan", str(stats), "--json"])
+    assert shown.exit_code == 0, shown.output
+    rows = {t["name"]: t["rows_changed"] for t in json.loads(shown.output)["tensors"]}
+    assert rows[EMBED] == pytest.approx(9 / 37) and rows["layer.1.mlp.weight"] == 1.0
+    table = runner.invoke(app, ["plan", str(stats)], env={"COLUMNS": "200"})
+    assert table.exit_code == 0 and "24.3%" in table.output and "share of its rows a task changes" in table.output
+    plain = build_store(
+        sparse.base, sparse.tasks, make_method("pca", 1), tmp_path / "p", exclude=EXCLUDE, tensor_stats=True
+    )
+    (plain.path / "tensor_rows.safetensors").unlink()  # a store written before the counts were kept
+    manifest = json.loads((plain.path / "tvbasis.json").read_text())
+    del manifest["files"]["tensor_rows.safetensors"]
+    (plain.path / "tvbasis.json").write_text(json.dumps(manifest))
+    older = runner.invoke(app, ["plan", str(plain.path), "--json"])
+    assert older.exit_code == 0 and all(t["rows_changed"] is None for t in json.loads(older.output)["tensors"])

@@ -867,16 +867,23 @@ def plan(
         f"[bold]{escape(est.store)}[/]: {est.method} basis, K = {est.n_vectors} stored vectors, "
         f"T = {est.n_tasks}, atoms {est.dtype}"
     )
-    table = Table(caption=f"basis: the store's own {est.method} basis on each tensor; M=m: a per-tensor PCA basis")
+    caption = f"basis: the store's own {est.method} basis on each tensor; M=m: a per-tensor PCA basis"
+    if any(t.rows_changed is not None and t.rows_changed < 1 for t in est.tensors):
+        caption += "; rows: share of its rows a task changes (mean over tasks)"
+    table = Table(caption=caption)
     table.add_column("tensor", overflow="fold")  # long tensor names wrap in narrow terminals, whole
-    for header in ["energy", "basis err", "bytes"] + [h for m in est.atoms for h in (f"M={m} err", "bytes")]:
+    # the share of rows each task changes (mean over tasks), where the store counted them and some are untouched
+    rows = any(t.rows_changed is not None and t.rows_changed < 1 for t in est.tensors)
+    headers = ["energy", *(["rows"] if rows else []), "basis err", "bytes"]
+    for header in headers + [h for m in est.atoms for h in (f"M={m} err", "bytes")]:
         table.add_column(header, justify="right", no_wrap=True)
     for t in est.tensors:
-        cells = [f"{100 * t.energy_share:.2f}%", f"{t.basis_rel_error:.4f}", f"{t.basis_bytes:,}"]
+        changed = [f"{100 * t.rows_changed:.1f}%" if t.rows_changed is not None else ""] if rows else []
+        cells = [f"{100 * t.energy_share:.2f}%", *changed, f"{t.basis_rel_error:.4f}", f"{t.basis_bytes:,}"]
         for m in est.atoms:
             cells += [f"{t.pca_rel_error[m]:.4f}", f"{t.pca_bytes[m]:,}"]
         table.add_row(escape(t.name), *cells)
-    total = ["100.00%", f"{est.total_basis_rel_error:.4f}", f"{est.total_basis_bytes:,}"]
+    total = ["100.00%", *([""] if rows else []), f"{est.total_basis_rel_error:.4f}", f"{est.total_basis_bytes:,}"]
     for m in est.atoms:
         total += [f"{est.total_pca_rel_error[m]:.4f}", f"{est.total_pca_bytes[m]:,}"]
     table.add_row("[bold]total[/]", *total)

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from tvbasis.codes import nbytes, parse_code
+from tvbasis.codes.core import row_view_shape
 from tvbasis.errors import TvbasisError
 from tvbasis.store.format import Store
 from tvbasis.store.quantize import is_quantized
@@ -86,6 +87,8 @@ class TensorEstimate:
     basis_bytes: int  # the store's K vectors on this tensor (coefficients are shared: see totals)
     pca_rel_error: dict[int, float] = field(default_factory=dict)  # M -> per-tensor PCA error
     pca_bytes: dict[int, int] = field(default_factory=dict)  # M -> M atoms + M x T coefficients
+    #: Mean over tasks of the share of rows the task changes (None: the store has no row counts).
+    rows_changed: float | None = None
 
 
 @dataclass
@@ -122,6 +125,7 @@ class StoreEstimates:
                     "name": t.name,
                     "shape": list(t.shape),
                     "energy_share": t.energy_share,
+                    "rows_changed": t.rows_changed,
                     "store_basis": {"rel_error": t.basis_rel_error, "bytes": t.basis_bytes},
                     "per_tensor_pca": {
                         str(m): {"rel_error": t.pca_rel_error[m], "bytes": t.pca_bytes[m]} for m in self.atoms
@@ -187,12 +191,15 @@ def estimate_store(store: Store, atoms: Sequence[int] = ()) -> StoreEstimates:
     tensors: list[TensorEstimate] = []
     basis_energy = 0.0
     pca_energy = dict.fromkeys(ms, 0.0)
+    counts = store.tensor_nonzero_rows
     for (name, g), share in zip(grams.items(), shares, strict=True):
         shape = store.shape_of(name)
         trace = float(np.trace(g))
         resid = basis_residual_energy(g, encoder, store.decoder)
         basis_energy += resid
         est = TensorEstimate(name, shape, float(share), _relative(resid, trace), K * atom_bytes(shape, dtype))
+        if counts is not None:
+            est.rows_changed = float(np.mean(counts[name])) / row_view_shape(tuple(shape))[0]
         for m in ms:
             tail = pca_tail_energy(g, m)
             pca_energy[m] += tail
