@@ -24,7 +24,6 @@ from tvbasis.store import open_store
 from tvbasis.store.residuals import CodePlan, TensorCode, uniform_plan
 from tvbasis.tasks import TaskVectorSet
 from tvbasis.tasks.taskvectors import plan_chunks
-from tvbasis.update import add_task, refit, remove_task
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 EXCLUDE = ["head.*"]
@@ -123,26 +122,6 @@ def test_the_gram_pass_counts_nonzero_rows_whatever_the_chunking(sparse) -> None
         for n in sparse.names:
             np.testing.assert_array_equal(stats.nonzero_rows[n], expect[n])
     assert gram_pass(tvs, tensor_stats=False).nonzero_rows is None
-
-
-def test_stores_keep_the_counts_through_updates(sparse, tmp_path: Path) -> None:
-    kw = {"exclude": EXCLUDE, "tensor_stats": True}
-    full = build_store(sparse.base, sparse.tasks, make_method("pca", 2), tmp_path / "full", **kw)
-    part = build_store(sparse.base, sparse.tasks[:4], make_method("pca", 2), tmp_path / "part", **kw)
-    added, _ = add_task(part, sparse.tasks[4], out=tmp_path / "added")
-    assert full.tensor_nonzero_rows is not None and added.tensor_nonzero_rows is not None
-    for n in sparse.names:
-        np.testing.assert_array_equal(added.tensor_nonzero_rows[n], full.tensor_nonzero_rows[n])
-    removed = remove_task(added, "task1", out=tmp_path / "removed")
-    assert removed.tensor_nonzero_rows is not None
-    for n in sparse.names:
-        np.testing.assert_array_equal(removed.tensor_nonzero_rows[n], full.tensor_nonzero_rows[n][[0, 2, 3, 4]])
-    refitted = refit(removed, out=tmp_path / "refitted")
-    assert refitted.tensor_nonzero_rows is not None
-    for n in sparse.names:
-        np.testing.assert_array_equal(refitted.tensor_nonzero_rows[n], removed.tensor_nonzero_rows[n])
-    plain = build_store(sparse.base, sparse.tasks, make_method("pca", 2), tmp_path / "plain", exclude=EXCLUDE)
-    assert plain.tensor_nonzero_rows is None
 
 
 # -- stores with rows codes --------------------------------------------------------------------

@@ -25,12 +25,13 @@ from tvbasis.update import add_task, refit, remove_task
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 EXCLUDE = ["head.*"]
+EMBED = "embed.weight"
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory: pytest.TempPathFactory):
-    return write_family(tmp_path_factory.mktemp("fam"), T=6, rank=3)
+    return write_family(tmp_path_factory.mktemp("fam"), T=6, rank=3, untouched_rows=0.5)
 
 
 def layout(family) -> list[str]:
@@ -126,12 +127,16 @@ def test_add_remove_refit_keep_the_tensor_grams(family, tmp_path: Path) -> None:
         _close(added.tensor_grams[n], full.tensor_grams[n])
     _close(sum(added.tensor_grams.values()), added.gram)
     assert estimate_store(added).tensors  # the planner reads an updated store too
+    # the counts of nonzero rows follow the same way (18 of embed.weight's 37 rows are untouched)
+    assert full.tensor_nonzero_rows is not None and list(full.tensor_nonzero_rows[EMBED]) == [19] * 6
+    assert _counts(added) == _counts(full)
 
     removed = remove_task(added, "task2", out=tmp_path / "removed")
     keep = [0, 1, 3, 4, 5]
     assert removed.tensor_grams is not None
     for n in family.names:
         assert np.array_equal(removed.tensor_grams[n], added.tensor_grams[n][np.ix_(keep, keep)])
+    assert _counts(removed) == {n: [c[i] for i in keep] for n, c in _counts(added).items()}
     # the atoms were fitted on task2, which is gone: the planner says so
     with pytest.raises(TvbasisError, match=r"task2.*refit"):
         estimate_store(removed)
@@ -140,6 +145,7 @@ def test_add_remove_refit_keep_the_tensor_grams(family, tmp_path: Path) -> None:
     assert refitted.tensor_grams is not None
     for n in family.names:
         assert np.array_equal(refitted.tensor_grams[n], removed.tensor_grams[n])  # carried over, not recomputed
+    assert _counts(refitted) == _counts(removed)
     fresh = build_store(family.base, [family.tasks[i] for i in keep], make_method("pca", 2), tmp_path / "fr", **kw)
     assert fresh.tensor_grams is not None
     for n in family.names:
@@ -148,7 +154,13 @@ def test_add_remove_refit_keep_the_tensor_grams(family, tmp_path: Path) -> None:
 
     # a store without them stays without them
     plain = build_store(family.base, family.tasks[:5], make_method("pca", 2), tmp_path / "p", exclude=EXCLUDE)
-    assert add_task(plain, family.tasks[5], out=tmp_path / "pa")[0].tensor_grams is None
+    plain_added = add_task(plain, family.tasks[5], out=tmp_path / "pa")[0]
+    assert plain_added.tensor_grams is None and plain_added.tensor_nonzero_rows is None
+
+
+def _counts(store) -> dict[str, list[int]]:
+    assert store.tensor_nonzero_rows is not None
+    return {n: c.tolist() for n, c in store.tensor_nonzero_rows.items()}
 
 
 def test_add_task_without_the_other_inputs_leaves_nan_like_G(family, tmp_path: Path) -> None:
@@ -328,9 +340,10 @@ def test_cli_build_tensor_stats_and_plan(family, tmp_path: Path) -> None:
     r = runner.invoke(app, [*args, "--out", str(tmp_path / "s"), "--tensor-stats"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "s" / TENSOR_GRAM).is_file()
-    r = runner.invoke(app, ["plan", str(tmp_path / "s"), "--atoms", "1", "--atoms", "3"])
+    # ten columns (with the share of rows changed: embed.weight's tasks leave half untouched) want a wide terminal
+    r = runner.invoke(app, ["plan", str(tmp_path / "s"), "--atoms", "1", "--atoms", "3"], env={"COLUMNS": "160"})
     assert r.exit_code == 0, r.output
-    assert "layer." in r.output and "M=3 err" in r.output and "total" in r.output
+    assert "layer." in r.output and "M=3 err" in r.output and "total" in r.output and "51.4%" in r.output
     r = runner.invoke(app, ["plan", str(tmp_path / "s"), "--json"])
     assert r.exit_code == 0, r.output
     data = json.loads(r.output)

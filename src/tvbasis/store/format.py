@@ -115,31 +115,27 @@ class Store:
     def tensor_grams(self) -> dict[str, np.ndarray] | None:
         """Each tensor's ``G_n = X_n^T X_n`` (T, T) in layout order, or None for a store built
         without ``--tensor-stats`` (read on first use: the file can be large)."""
-        if not self.has_tensor_grams:
-            return None
-        try:
-            arrays = load_numpy(str(self.path / TENSOR_GRAM))
-        except Exception as exc:
-            raise StoreError(f"{self.path / TENSOR_GRAM}: cannot read ({exc})") from None
-        missing = [n for n in self._shapes if n not in arrays]
-        if missing:
-            raise StoreError(f"{self.path / TENSOR_GRAM}: no Gram matrix for tensor {missing[0]!r}")
-        return {n: arrays[n] for n in self._shapes}
+        return self._per_tensor(TENSOR_GRAM, "Gram matrix")
 
     @cached_property
     def tensor_nonzero_rows(self) -> dict[str, np.ndarray] | None:
-        """Each tensor's count of nonzero rows per task (T,) in layout order, or None (a store
+        """Each tensor's count of nonzero rows per task (T,) int64 in layout order, or None (a store
         without per-tensor statistics, or one whose Gram pass did not read the rows)."""
-        if TENSOR_ROWS not in self.manifest.get("files", {}):
+        counts = self._per_tensor(TENSOR_ROWS, "row counts")
+        return None if counts is None else {n: c.astype(np.int64) for n, c in counts.items()}
+
+    def _per_tensor(self, file: str, what: str) -> dict[str, np.ndarray] | None:
+        """One array per tensor from ``file`` in layout order, or None if the store has no such file."""
+        if file not in self.manifest.get("files", {}):
             return None
         try:
-            arrays = load_numpy(str(self.path / TENSOR_ROWS))
+            arrays = load_numpy(str(self.path / file))
         except Exception as exc:
-            raise StoreError(f"{self.path / TENSOR_ROWS}: cannot read ({exc})") from None
+            raise StoreError(f"{self.path / file}: cannot read ({exc})") from None
         missing = [n for n in self._shapes if n not in arrays]
         if missing:
-            raise StoreError(f"{self.path / TENSOR_ROWS}: no row counts for tensor {missing[0]!r}")
-        return {n: arrays[n].astype(np.int64) for n in self._shapes}
+            raise StoreError(f"{self.path / file}: no {what} for tensor {missing[0]!r}")
+        return {n: arrays[n] for n in self._shapes}
 
     @property
     def tensors(self) -> list[TensorInfo]:
