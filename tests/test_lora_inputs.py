@@ -450,3 +450,25 @@ def test_adapter_given_as_a_url(env: Env, tmp_path: Path) -> None:
     local = gram_pass(TaskVectorSet(env.base, [TaskSource("a", env.adapters["plain"])]))
     remote = gram_pass(TaskVectorSet(env.base, [TaskSource("a", url)]))  # type: ignore[arg-type]
     assert np.array_equal(local.gram, remote.gram) and local.task_hashes == remote.task_hashes
+
+
+def test_rows_codes_need_rows_the_gram_pass_has_read(env: Env, tmp_path: Path) -> None:
+    """Adapters alone: the Gram comes from the factors and no row is read, so no row counts and
+    ``rows:`` codes are refused; with a full fine-tune beside them the rows are read and counted."""
+    from tvbasis.store.residuals import uniform_plan
+
+    lora_only = [TaskSource(n, env.adapters[n]) for n in ("plain", "rslora")]
+    assert gram_pass(TaskVectorSet(env.base, lora_only), tensor_stats=True).nonzero_rows is None
+    with pytest.raises(TvbasisError, match="count of nonzero rows.*LoRA"):
+        build_store(env.base, lora_only, make_method("pca", 0), tmp_path / "s", codes=uniform_plan("rows:int8"))
+    assert not (tmp_path / "s").exists()
+    mixed = [*lora_only, TaskSource("dense", env.dense)]
+    tvs = TaskVectorSet(env.base, mixed)
+    counts = gram_pass(tvs, tensor_stats=True).nonzero_rows
+    assert counts is not None
+    for name, t in (("plain", 0), ("dense", 2)):
+        for n in ("embeddings.word_embeddings.weight", "encoder.layer.0.attention.self.query.weight"):
+            delta = env.deltas[name][n]
+            assert counts[n][t] == int(delta.reshape(delta.shape[0], -1).ne(0).any(dim=1).sum())
+    store = build_store(env.base, mixed, make_method("pca", 0), tmp_path / "m", codes=uniform_plan("rows:fp32"))
+    assert all(t["rel_error"] < 1e-6 for t in store.manifest["tasks"])
