@@ -459,7 +459,7 @@ def test_rows_codes_need_rows_the_gram_pass_has_read(env: Env, tmp_path: Path) -
 
     lora_only = [TaskSource(n, env.adapters[n]) for n in ("plain", "rslora")]
     assert gram_pass(TaskVectorSet(env.base, lora_only), tensor_stats=True).nonzero_rows is None
-    with pytest.raises(TvbasisError, match="count of nonzero rows.*LoRA"):
+    with pytest.raises(TvbasisError, match=r"count of nonzero rows.*LoRA"):
         build_store(env.base, lora_only, make_method("pca", 0), tmp_path / "s", codes=uniform_plan("rows:int8"))
     assert not (tmp_path / "s").exists()
     mixed = [*lora_only, TaskSource("dense", env.dense)]
