@@ -273,3 +273,23 @@ def test_plan_shows_the_share_of_rows_each_tensor_changes(sparse, tmp_path: Path
     (plain.path / "tvbasis.json").write_text(json.dumps(manifest))
     older = runner.invoke(app, ["plan", str(plain.path), "--json"])
     assert older.exit_code == 0 and all(t["rows_changed"] is None for t in json.loads(older.output)["tensors"])
+
+
+def test_cli_plans_and_builds_with_or_without_rows_codes(sparse, tmp_path: Path) -> None:
+    stats = tmp_path / "stats"
+    build_store(sparse.base, sparse.tasks, make_method("pca", 1), stats, exclude=EXCLUDE, tensor_stats=True)
+    counts = open_store(stats).tensor_nonzero_rows
+    gram, grams, shapes, _ = stats_from_store(stats)
+    budget = plan_budget(gram, grams, shapes, 10**9, nonzero_rows=counts).overhead_bytes + 6000
+    codes = {}
+    for flag in ("--row-codes", "--no-row-codes"):
+        shown = runner.invoke(app, ["plan", str(stats), "--budget", str(budget), "--json", flag])
+        assert shown.exit_code == 0, shown.output
+        codes[flag] = json.loads(shown.output)["tensors"]
+    assert codes["--row-codes"][EMBED].startswith("rows:") and not codes["--no-row-codes"][EMBED].startswith("rows:")
+    args = ["build", "--base", str(sparse.base), "--exclude", "head.*", "--budget", str(budget), "--quiet"]
+    args += [a for t in sparse.tasks for a in ("--task", f"{t.name}={t.path}")]
+    built = runner.invoke(app, [*args, "--plan-from", str(stats), "--no-row-codes", "--out", str(tmp_path / "b")])
+    assert built.exit_code == 0, built.output
+    tensors = open_store(tmp_path / "b").manifest["residuals"]["tensors"]
+    assert not any(v["residual"].startswith("rows:") for v in tensors.values())

@@ -63,6 +63,13 @@ PLANNER_NOISE_WEIGHT = 1 / 256
 PlanObjective = Annotated[
     str, typer.Option("--objective", help="[--budget] minimise the tasks' mean estimated loss, or the worst task's.")
 ]
+PlanRowCodes = Annotated[
+    bool,
+    typer.Option(
+        "--row-codes/--no-row-codes",
+        help="[--budget] let tensors whose tasks leave rows untouched code only the nonzero rows (rows:CODE).",
+    ),
+]
 
 
 def _one_line(message: str) -> str:
@@ -192,6 +199,7 @@ def build(
         float, typer.Option(help="[--budget] weight of unbiased (random) error against biased error.")
     ] = PLANNER_NOISE_WEIGHT,
     objective: PlanObjective = "mean",
+    row_codes: PlanRowCodes = True,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -219,6 +227,7 @@ def build(
                 plan_from,
                 noise_weight,
                 objective,
+                row_codes,
                 seed,
                 include or rec.include,
                 exclude or rec.exclude,
@@ -322,6 +331,7 @@ def _build_for_budget(
     plan_from: Path | None,
     noise_weight: float,
     objective: str,
+    row_codes: bool,
     seed: int | None,
     include: list[str],
     exclude: list[str],
@@ -349,6 +359,7 @@ def _build_for_budget(
         objective=objective,
         chunk_elements=chunk_elements,
         overwrite=overwrite,
+        row_codes=row_codes,
     )
 
 
@@ -846,6 +857,7 @@ def plan(
     ] = PLANNER_NOISE_WEIGHT,
     objective: PlanObjective = "mean",
     seed: Annotated[int, typer.Option(help="[--budget] seed of the random keep codes.")] = 0,
+    row_codes: PlanRowCodes = True,
 ) -> None:
     """Per tensor, from the stored matrices only: energy share, the store basis's error, and a per-tensor PCA's.
 
@@ -854,7 +866,7 @@ def plan(
     from tvbasis.store import open_store
 
     if budget is not None:
-        _print_budget_plan(store, budget, atoms, noise_weight, objective, seed, as_json)
+        _print_budget_plan(store, budget, atoms, noise_weight, objective, seed, as_json, row_codes)
         return
     try:
         est = estimate_store(open_store(store), atoms or ())
@@ -898,7 +910,14 @@ def plan(
 
 
 def _print_budget_plan(
-    store: Path, budget: float, atoms: list[int] | None, noise_weight: float, objective: str, seed: int, as_json: bool
+    store: Path,
+    budget: float,
+    atoms: list[int] | None,
+    noise_weight: float,
+    objective: str,
+    seed: int,
+    as_json: bool,
+    row_codes: bool = True,
 ) -> None:
     from tvbasis.planning.budget import nonzero_rows_from_store, plan_budget, stats_from_store
 
@@ -914,7 +933,7 @@ def _print_budget_plan(
             seed=seed,
             noise_weight=noise_weight,
             objective=objective,
-            nonzero_rows=nonzero_rows_from_store(store),
+            nonzero_rows=nonzero_rows_from_store(store) if row_codes else None,
         )
     except TvbasisError as exc:
         _fail(exc)
