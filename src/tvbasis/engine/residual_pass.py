@@ -3,7 +3,7 @@
 After the atoms are written, one more streaming pass reads the task vectors, subtracts the
 basis' reconstruction ``S W`` as stored (so the codes correct the stored atoms' rounding too),
 codes each task's residual with its tensor's code and writes it. Row-local codes go chunk by
-chunk; tensor-wide codes (``topk``, ``lowrank``) and 1-D tensors are coded whole, so those
+chunk; tensor-wide codes (``topk``, ``lowrank``, ``rows:...``) and 1-D tensors are coded whole, so those
 hold one tensor's T residuals in memory. The pass also measures every task's error through
 the finished store, basis and decoded residual together.
 """
