@@ -36,7 +36,7 @@ WEIGHTS = {"t0": 1.0, "t2": -0.5}
 def save_model(directory: Path, cls: type, seed: int, base: Path | None = None) -> Path:
     """A tiny BERT of class ``cls``: random (``base`` None) or ``base`` plus a full-rank perturbation."""
     torch.manual_seed(seed)
-    model = cls(tiny_bert_config()) if base is None else cls.from_pretrained(base)
+    model = cls(tiny_bert_config()) if base is None else cls.from_pretrained(base, use_safetensors=True)
     if base is not None:
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
@@ -75,8 +75,8 @@ def bert_cls(tmp_path_factory: pytest.TempPathFactory) -> Setup:
 
 def merged_state(cls: type, base: Path, adapter: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(base state, state of base + adapter merged by PEFT)."""
-    reference = cls.from_pretrained(base).state_dict()
-    model = peft.PeftModel.from_pretrained(cls.from_pretrained(base), adapter)
+    reference = cls.from_pretrained(base, use_safetensors=True).state_dict()
+    model = peft.PeftModel.from_pretrained(cls.from_pretrained(base, use_safetensors=True), adapter)
     return reference, model.merge_and_unload().state_dict()
 
 
@@ -177,7 +177,9 @@ def test_energy_threshold_picks_the_least_rank_keeping_that_share(bert: Setup, t
         assert t.rel_error <= math.sqrt(1 - energy) + 1e-12
     assert len(set(report.ranks.values())) > 1  # differing ranks go through rank_pattern
 
-    model = peft.PeftModel.from_pretrained(transformers.BertModel.from_pretrained(bert.base), report.out)
+    model = peft.PeftModel.from_pretrained(
+        transformers.BertModel.from_pretrained(bert.base, use_safetensors=True), report.out
+    )
     loaded = {
         name.removeprefix("base_model.model.").removesuffix(".lora_A.default.weight"): p.shape[0]
         for name, p in model.named_parameters()
@@ -238,7 +240,7 @@ def test_gpt2_conv1d_and_tied_embedding(tmp_path: Path) -> None:
     transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "base")
     tasks = []
     for i in range(2):
-        model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base")
+        model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base", use_safetensors=True)
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(0.02 * torch.randn(p.shape))
@@ -285,7 +287,10 @@ def test_cli_as_lora(bert: Setup, tmp_path: Path) -> None:
     assert "truncation error" in result.stdout and "of the delta's squared norm" in result.stdout
     report = json.loads((out / "tvbasis_lora.json").read_text())
     assert f"{report['truncation_error']:.4g}" in result.stdout
-    assert peft.PeftModel.from_pretrained(transformers.BertModel.from_pretrained(bert.base), out) is not None
+    assert (
+        peft.PeftModel.from_pretrained(transformers.BertModel.from_pretrained(bert.base, use_safetensors=True), out)
+        is not None
+    )
 
 
 @pytest.mark.parametrize(

@@ -271,7 +271,7 @@ def test_lora_tensor_grams_from_factors(tmp_path: Path, monkeypatch: pytest.Monk
     torch.manual_seed(0)
     transformers.BertModel(tiny_bert_config()).save_pretrained(tmp_path / "base")
     base = tmp_path / "base"
-    ft = transformers.BertModel.from_pretrained(base)
+    ft = transformers.BertModel.from_pretrained(base, use_safetensors=True)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for p in ft.parameters():
