@@ -879,13 +879,13 @@ def plan(
         f"[bold]{escape(est.store)}[/]: {est.method} basis, K = {est.n_vectors} stored vectors, "
         f"T = {est.n_tasks}, atoms {est.dtype}"
     )
+    # the share of rows each task changes (mean over tasks), where the store counted them and some are untouched
+    rows = any(t.rows_changed is not None and t.rows_changed < 1 for t in est.tensors)
     caption = f"basis: the store's own {est.method} basis on each tensor; M=m: a per-tensor PCA basis"
-    if any(t.rows_changed is not None and t.rows_changed < 1 for t in est.tensors):
+    if rows:
         caption += "; rows: share of its rows a task changes (mean over tasks)"
     table = Table(caption=caption)
     table.add_column("tensor", overflow="fold")  # long tensor names wrap in narrow terminals, whole
-    # the share of rows each task changes (mean over tasks), where the store counted them and some are untouched
-    rows = any(t.rows_changed is not None and t.rows_changed < 1 for t in est.tensors)
     headers = ["energy", *(["rows"] if rows else []), "basis err", "bytes"]
     for header in headers + [h for m in est.atoms for h in (f"M={m} err", "bytes")]:
         table.add_column(header, justify="right", no_wrap=True)

@@ -47,6 +47,7 @@ from tvbasis.store.residuals import (
     TensorCode,
     check_atom_code,
     payload_parts,
+    tensor_residual_nbytes,
 )
 
 #: Residual codes the planner tries on every tensor; ``{seed}`` is the build's seed.
@@ -273,8 +274,10 @@ def plan_budget(
     atom_codes = [check_atom_code(parse_code(c)) for c in tensor_atom_codes]
     if not any(s.name == "none" for s in specs):
         specs.insert(0, CodeSpec("none"))
-    row_specs = [] if nonzero_rows is None else [_rows_of(s) for s in specs if s.name not in ("none", "rows")]
-    sparse = _sparse_tensors(nonzero_rows, shapes, T)
+    row_specs = (
+        [] if nonzero_rows is None else [parse_code(f"rows:{s}") for s in specs if s.name not in ("none", "rows")]
+    )
+    sparse = {n for n in shapes if _has_zero_rows(nonzero_rows, n, shapes[n], T)}
     sq_norm = np.where(np.diag(gram) > 0, np.diag(gram), 1.0)
     if atoms is None:
         atoms = sorted({0, *(m for m in (1, 2, 4, 8, 16, 32) if m < T), max(T - 1, 0)})
@@ -416,7 +419,7 @@ def _tensor_options(
                     bases[(False, own, atom_code)] = (residual + rounding, own_bytes)
         counts = None if nonzero_rows is None else nonzero_rows.get(n)
         tensor_specs = list(specs)
-        if n in _sparse_tensors(nonzero_rows, {n: shape}, T):
+        if _has_zero_rows(nonzero_rows, n, shape, T):
             tensor_specs += [s for s in row_specs if s not in tensor_specs]
         rel = np.array([relative_error(spec, row_numel, rows) for spec in tensor_specs])  # (codes, 2)
         code_bytes = [_code_bytes(n, spec, shape, counts, T) for spec in tensor_specs]
@@ -435,33 +438,23 @@ def _tensor_options(
     return options
 
 
-def _rows_of(spec: CodeSpec) -> CodeSpec:
-    return parse_code(f"rows:{spec}")
-
-
-def _sparse_tensors(
-    nonzero_rows: Mapping[str, np.ndarray] | None, shapes: Mapping[str, tuple[int, ...]], n_tasks: int
-) -> set[str]:
-    """Tensors where some task has rows that are all zero (``rows:...`` codes save bytes there)."""
-    if nonzero_rows is None:
-        return set()
-    return {
-        n
-        for n, shape in shapes.items()
-        if n in nonzero_rows and int(np.sum(nonzero_rows[n])) < n_tasks * row_view_shape(tuple(shape))[0]
-    }
+def _has_zero_rows(
+    nonzero_rows: Mapping[str, np.ndarray] | None, tensor: str, shape: tuple[int, ...], n_tasks: int
+) -> bool:
+    """Whether some task leaves rows of ``tensor`` all zero (``rows:...`` codes save bytes there)."""
+    if nonzero_rows is None or tensor not in nonzero_rows:
+        return False
+    return int(np.sum(nonzero_rows[tensor])) < n_tasks * row_view_shape(tuple(shape))[0]
 
 
 def _code_bytes(tensor: str, spec: CodeSpec, shape: tuple[int, ...], counts: np.ndarray | None, n_tasks: int) -> int:
     """Bytes of all tasks' residuals of ``tensor`` under ``spec`` (by each task's nonzero rows for ``rows:...``)."""
-    if spec.name != "rows":
-        return n_tasks * nbytes(spec, shape)
-    if counts is None:
+    if spec.name == "rows" and counts is None:
         raise TvbasisError(
             f"tensor {tensor!r}: pricing code {spec} needs every task's count of nonzero rows; plan from a "
             f"store built with --tensor-stats by this version (from full fine-tunes, not only LoRA adapters)"
         )
-    return sum(nbytes(spec, shape, int(c)) for c in counts)
+    return tensor_residual_nbytes(spec, shape, n_tasks, counts if spec.name == "rows" else None)
 
 
 def _worst_case(

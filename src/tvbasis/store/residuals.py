@@ -184,14 +184,18 @@ def residual_nbytes(
 ) -> int:
     """Payload bytes of all tasks' residuals (safetensors headers not counted); codes that skip
     zero rows are priced with each task's count of nonzero rows where given."""
-    total = 0
-    for n in codes:
-        counts = None if nonzero_rows is None else nonzero_rows.get(n)
-        if counts is None:
-            total += n_tasks * nbytes(codes[n].residual, shapes[n])
-        else:
-            total += sum(nbytes(codes[n].residual, shapes[n], int(c)) for c in counts)
-    return total
+    counts = nonzero_rows or {}
+    return sum(tensor_residual_nbytes(codes[n].residual, shapes[n], n_tasks, counts.get(n)) for n in codes)
+
+
+def tensor_residual_nbytes(
+    spec: CodeSpec, shape: tuple[int, ...], n_tasks: int, nonzero_rows: np.ndarray | None = None
+) -> int:
+    """Payload bytes of all tasks' residuals on one tensor: by each task's count of nonzero rows
+    (``nonzero_rows``, (T,)) for a code that skips zero rows, else by the shape."""
+    if nonzero_rows is None:
+        return n_tasks * nbytes(spec, shape)
+    return sum(nbytes(spec, shape, int(c)) for c in nonzero_rows)
 
 
 @dataclass
@@ -221,13 +225,17 @@ class ResidualWriter:
     def parts(self) -> list[dict[str, list[PayloadPart]]]:
         """Per task, every tensor's payload parts (they differ between tasks for ``rows:...`` codes)."""
         same = {n: payload_parts(tc.residual, self.shapes[n]) for n, tc in self.codes.items()}
+        sparse = [n for n, tc in self.codes.items() if code(tc.residual.name).sparse_nbytes is not None]
+        probed: dict[tuple[str, int], list[PayloadPart]] = {}  # tasks with the same count share a probe
         out = []
         for t in range(len(self.task_names)):
             parts = dict(same)
-            for n, tc in self.codes.items():
-                if code(tc.residual.name).sparse_nbytes is not None:
-                    assert self.nonzero_rows is not None
-                    parts[n] = payload_parts(tc.residual, self.shapes[n], int(self.nonzero_rows[n][t]))
+            for n in sparse:
+                assert self.nonzero_rows is not None
+                count = int(self.nonzero_rows[n][t])
+                if (n, count) not in probed:
+                    probed[(n, count)] = payload_parts(self.codes[n].residual, self.shapes[n], count)
+                parts[n] = probed[(n, count)]
             out.append(parts)
         return out
 
