@@ -34,6 +34,7 @@ from tvbasis.codes import parse_code
 from tvbasis.evaluation import runner
 from tvbasis.evaluation.protocol import effect_retained, gain_retained
 from tvbasis.methods import make_method
+from tvbasis.planning.budget import DEFAULT_CODES
 from tvbasis.store import Store, open_store
 from tvbasis.store.residuals import CodePlan, TensorCode, uniform_plan
 from tvbasis.tasks import TaskSource
@@ -72,6 +73,9 @@ UNLABELLED_NOISE_WEIGHT = 1 / 64
 #: Per-tensor atom codes the planner may use, for rows whose config names none (they were planned
 #: before int4 atoms existed); ``--tensor-atom-codes`` records others in the config and label.
 UNLABELLED_TENSOR_ATOM_CODES = ("int8",)
+#: Residual codes the planner may use, for rows whose config does not say ``sr2_codes`` (they
+#: were planned before ``keep:...:sr2`` existed); ``--sr2-codes`` plans with today's defaults.
+UNLABELLED_CODES = tuple(c for c in DEFAULT_CODES if ":sr2:" not in c)
 
 
 def configurations(
@@ -81,6 +85,7 @@ def configurations(
     noise_weight: float | None = None,
     tensor_atom_codes: tuple[str, ...] | None = None,
     row_codes: bool = False,
+    sr2_codes: bool = False,
 ) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     if "single" in kinds:
@@ -104,9 +109,36 @@ def configurations(
             if row_codes:
                 label += ", rows codes"
                 extra["row_codes"] = True
+            if sr2_codes:
+                label += ", sr2 keep"
+                extra["sr2_codes"] = True
             for seed in seeds:
                 out.append({"label": label, "kind": "planned", "budget": budget, "seed": seed, **extra})
     return out
+
+
+def add_planner_arguments(ap: argparse.ArgumentParser) -> None:
+    """The planner's settings a run of planned configurations records (non-default ones are labelled)."""
+    ap.add_argument("--noise-weight", type=float, default=None, help="planner's weight of unbiased error")
+    ap.add_argument(
+        "--tensor-atom-codes", nargs="+", default=None, help="codes the planner may give per-tensor atoms (int8 int4)"
+    )
+    ap.add_argument("--row-codes", action="store_true", help="let the planner use rows:... codes (labelled)")
+    ap.add_argument("--sr2-codes", action="store_true", help="let the planner use keep:...:sr2 codes (labelled)")
+
+
+def configurations_of(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The configurations ``--configs``, ``--seeds``, ``--budgets`` and the planner arguments ask for."""
+    atom_codes = tuple(args.tensor_atom_codes) if args.tensor_atom_codes else None
+    return configurations(
+        args.configs,
+        tuple(args.seeds),
+        tuple(args.budgets),
+        args.noise_weight,
+        atom_codes,
+        args.row_codes,
+        args.sr2_codes,
+    )
 
 
 def key(cfg: dict[str, Any]) -> str:
@@ -132,6 +164,7 @@ def build_config(cfg: dict[str, Any], base: Path, sources: list[TaskSource], pat
         noise_weight=cfg.get("noise_weight", UNLABELLED_NOISE_WEIGHT),
         tensor_atom_codes=tuple(cfg.get("tensor_atom_codes", UNLABELLED_TENSOR_ATOM_CODES)),
         row_codes=cfg.get("row_codes", False),
+        codes=DEFAULT_CODES if cfg.get("sr2_codes") else UNLABELLED_CODES,
     )
 
 
@@ -300,11 +333,7 @@ def main() -> None:
     ap.add_argument("--configs", nargs="+", default=["single", "planned"], choices=["single", "planned"])
     ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     ap.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS), help="planned budgets (fractions)")
-    ap.add_argument("--noise-weight", type=float, default=None, help="planner's weight of unbiased error")
-    ap.add_argument(
-        "--tensor-atom-codes", nargs="+", default=None, help="codes the planner may give per-tensor atoms (int8 int4)"
-    )
-    ap.add_argument("--row-codes", action="store_true", help="let the planner use rows:... codes (labelled)")
+    add_planner_arguments(ap)
     ap.add_argument(
         "--full-val", action="store_true", help="choose lambdas on the whole validation splits (use its own --out)"
     )
@@ -353,10 +382,7 @@ def main() -> None:
     if args.backfill_matched:
         backfill_matched(results_path, args, base, sources, plan_store, ev, names, ref, limits, log)
         return
-    atom_codes = tuple(args.tensor_atom_codes) if args.tensor_atom_codes else None
-    for cfg in configurations(
-        args.configs, tuple(args.seeds), tuple(args.budgets), args.noise_weight, atom_codes, args.row_codes
-    ):
+    for cfg in configurations_of(args):
         if key(cfg) in done or (args.only and cfg["label"] not in args.only):
             continue
         path = args.out / "stores" / "current"

@@ -43,8 +43,9 @@ from frontier import (
     SUITE,
     DeltaFor,
     TextSuite,
+    add_planner_arguments,
     build_config,
-    configurations,
+    configurations_of,
     ensure_stats_store,
     key,
     last_delta,
@@ -233,9 +234,7 @@ def main() -> None:
     ap.add_argument("--configs", nargs="+", default=["single"], choices=["single", "planned"])
     ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     ap.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS), help="planned budgets (fractions)")
-    ap.add_argument("--noise-weight", type=float, default=None, help="planner's weight of unbiased error")
-    ap.add_argument("--tensor-atom-codes", nargs="+", default=None)
-    ap.add_argument("--row-codes", action="store_true", help="let the planner use rows:... codes (labelled)")
+    add_planner_arguments(ap)
     ap.add_argument("--only", nargs="*", default=None, help="labels to run (default: all)")
     ap.add_argument("--draws", type=int, default=2000, help="validation draws per task")
     ap.add_argument("--draw-size", type=int, default=SUITE.val_limit, help="validation examples per draw")
@@ -282,10 +281,7 @@ def main() -> None:
     plan_store = args.out / "stores" / "stats"
     if "planned" in args.configs:
         ensure_stats_store(plan_store, base, sources)
-    atom_codes = tuple(args.tensor_atom_codes) if args.tensor_atom_codes else None
-    for cfg in configurations(
-        args.configs, tuple(args.seeds), tuple(args.budgets), args.noise_weight, atom_codes, args.row_codes
-    ):
+    for cfg in configurations_of(args):
         if key(cfg) in done or (args.only and cfg["label"] not in args.only):
             continue
         path = args.out / "stores" / "resampled-current"

@@ -34,6 +34,8 @@ ALL_SPECS = [
     "keep:0.0625:int4:seed=0",
     "keep:0.5:int8:seed=3",
     "keep:0.3:int2:seed=1",
+    "keep:0.25:sr2:seed=2",
+    "keep:1.0:sr2:seed=0",
     "topk:0.05",
     "topk:0.5",
     "lowrank:3",
@@ -70,6 +72,7 @@ def test_nbytes_from_shape_equals_payload(text: str) -> None:
         ("lloydmax2", (2, 33), 2 * 9 + 4 * 2),
         ("sign", (2, 33), 2 * 5 + 4 * 2),
         ("keep:0.25:int4:seed=0", (6, 10), 6 * 2 + 4 * 6 + 8),  # k = round(2.5) = 3 -> 2 bytes
+        ("keep:0.5:sr2:seed=0", (6, 10), 6 * 2 + 2 * 6 + 8),  # 5 crumbs -> 2 bytes, bfloat16 scales
         ("topk:0.05", (10, 100), 2 * 50 + 50 * 2),  # 50 two-byte indices (100) < 125-byte bitmap
         ("topk:0.5", (10, 100), 2 * 500 + 125),  # bitmap
         ("lowrank:3", (6, 10), (6 + 10) * 3 * 2),
@@ -185,9 +188,10 @@ def _keep_chunks(spec: CodeSpec, x: torch.Tensor, cuts: list[int]) -> tuple[torc
     return torch.cat([decode(e) for e in encs]), [e.payload["codes"] for e in encs]
 
 
-def test_keep_is_chunk_invariant(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("values", ["int4", "sr2"])
+def test_keep_is_chunk_invariant(monkeypatch: pytest.MonkeyPatch, values: str) -> None:
     x = _x((11, 8), 8)
-    spec = parse_code("keep:0.25:int4:seed=5")
+    spec = parse_code(f"keep:0.25:{values}:seed=5")
     for block in (keep_module.KEEP_BLOCK, 16, 8):  # 16: two rows per random block; 8: one
         monkeypatch.setattr(keep_module, "KEEP_BLOCK", block)
         whole = encode(spec, x, KEY)
@@ -201,7 +205,7 @@ def test_keep_is_chunk_invariant(monkeypatch: pytest.MonkeyPatch) -> None:
     # masks differ across seeds, tasks and tensors
     base = decode(encode(spec, x, KEY)) != 0
     for other in (
-        encode(parse_code("keep:0.25:int4:seed=6"), x, KEY),
+        encode(parse_code(f"keep:0.25:{values}:seed=6"), x, KEY),
         encode(spec, x, TensorKey(KEY.tensor, "task_b", 0)),
         encode(spec, x, TensorKey("layer.1.weight", KEY.task, 0)),
     ):
@@ -229,6 +233,52 @@ def test_keep_is_unbiased_and_its_error_split_is_exact() -> None:
     assert code("keep").unbiased and not code("topk").unbiased
 
 
+def test_sr2_rounds_at_random_to_four_levels_without_bias_inside_its_clip() -> None:
+    x = _x((4, 64), 11)
+    x[0, 0] = 10.0  # far beyond 2 x the row's RMS: clipped
+    spec = parse_code("keep:1.0:sr2")
+    scale = keep_module.sr2_scale(keep_module.rows_of(x)).double()
+    assert torch.allclose(scale, 2 * x.double().square().mean(dim=1).sqrt(), rtol=1e-2)
+    n_seeds = 800
+    samples = torch.stack([decode(encode(parse_code(f"keep:1.0:sr2:seed={s}"), x, KEY)) for s in range(n_seeds)])
+    levels = torch.tensor([-1.0, -1 / 3, 1 / 3, 1.0], dtype=torch.float64)
+    ratio = samples / scale[None, :, None]
+    assert torch.all((ratio[..., None] - levels).abs().amin(dim=-1) < 1e-9)  # only the four levels
+    clipped = torch.maximum(torch.minimum(x.double(), scale[:, None]), -scale[:, None])
+    assert torch.equal(keep_module.expected_rows(spec, x), clipped)
+    # each value rounds to one of the two levels around it, with the probabilities that make it unbiased
+    step = 2 / 3 * scale[:, None]
+    assert torch.all((samples - clipped).abs() < step + 1e-9)
+    std_of_mean = step / 2 / math.sqrt(n_seeds)
+    assert torch.all((samples.mean(dim=0) - clipped).abs() <= 5 * std_of_mean)
+    err = bias_variance(spec, x, KEY)
+    assert err.bias_sq == pytest.approx((clipped - x.double()).square().sum().item())
+    outlier = (10.0 - scale[0].item()) ** 2  # most of the bias; a few other entries lie beyond 2 RMS
+    assert outlier <= err.bias_sq <= 1.1 * outlier
+    empirical = (samples - clipped).square().sum(dim=(1, 2)).mean().item()
+    assert empirical == pytest.approx(err.variance, rel=0.1)
+    assert code("keep").unbiased
+
+
+def test_sr2_error_split_with_keep_and_its_advantage_over_int4() -> None:
+    x = _x((3, 16), 12)
+    spec = parse_code("keep:0.25:sr2")
+    samples = torch.stack([decode(encode(parse_code(f"keep:0.25:sr2:seed={s}"), x, KEY)) for s in range(1500)])
+    err = bias_variance(spec, x, KEY)
+    empirical = (samples - keep_module.expected_rows(spec, x)).square().sum(dim=(1, 2)).mean().item()
+    assert empirical == pytest.approx(err.variance, rel=0.1)
+    # on Gaussian rows, at the same bytes, sr2 has less bias and less variance than int4 quantizing
+    big = _x((64, 256), 13)
+    sr2 = bias_variance(parse_code("keep:0.0625:sr2"), big)
+    k_int4 = 16 - 8  # int4 keeping 8 of 256 (4 values + 4 scale bytes = 8) vs sr2's 24 (6 + 2 bytes)
+    int4 = bias_variance(parse_code(f"keep:{k_int4 / 256}:int4"), big)
+    assert nbytes(parse_code(f"keep:{k_int4 / 256}:int4"), big.shape) == nbytes(
+        parse_code(f"keep:{24 / 256}:sr2"), big.shape
+    )
+    sr2 = bias_variance(parse_code(f"keep:{24 / 256}:sr2"), big)
+    assert sr2.bias_sq < int4.bias_sq and sr2.variance < 0.7 * int4.variance
+
+
 def test_deterministic_codes_error_is_all_bias() -> None:
     x = _x((5, 7), 10)
     for text in ("int4", "sign", "topk:0.2", "lowrank:2", "none"):
@@ -248,6 +298,10 @@ def test_spec_strings_round_trip(text: str) -> None:
 def test_parse_defaults() -> None:
     assert str(parse_code("keep:0.5")) == "keep:0.5:int8:seed=0"
     assert str(parse_code("keep:0.125:seed=7:int2")) == "keep:0.125:int2:seed=7"
+    assert str(parse_code("keep:0.125:sr2")) == "keep:0.125:sr2:seed=0"
+    # a deterministic keep's spec is as it always was (stores written before sr2 read the same)
+    assert parse_code("keep:0.5:int2").params == (("bits", 2), ("p", 0.5), ("seed", 0))
+    assert parse_code("keep:0.5:sr2") != parse_code("keep:0.5:int2")
     assert str(parse_code("lowrank:8")) == "lowrank:8:fp16"
     assert str(parse_code(" topk:0.05 ")) == "topk:0.05"
     assert {"int8", "int4", "int2", "lloydmax2", "sign", "keep", "topk", "lowrank", "none", "fp32"} <= set(registry())
@@ -265,6 +319,7 @@ def test_parse_defaults() -> None:
         "keep:abc",
         "keep:0.5:int5",
         "keep:0.5:seed=-1",
+        "keep:0.5:sr3",
         "topk",
         "topk:0",
         "topk:0.1:0.2",

@@ -88,10 +88,11 @@ def test_reported_errors_are_the_stores_own(family, tmp_path: Path) -> None:
         np.testing.assert_allclose([t["cosine"] for t in store.manifest["tasks"]], cos, rtol=1e-9)
 
 
-def test_residual_codes_match_the_codes_library(family, tmp_path: Path) -> None:
+@pytest.mark.parametrize("text", ["keep:0.3:int4:seed=5", "keep:0.3:sr2:seed=5"])
+def test_residual_codes_match_the_codes_library(family, tmp_path: Path, text: str) -> None:
     """What the store decodes is exactly codes.decode(codes.encode(tau - S W)) of each whole tensor."""
-    spec = parse_code("keep:0.3:int4:seed=5")
-    store = build(family, tmp_path, 2, "keep:0.3:int4:seed=5", "lib")
+    spec = parse_code(text)
+    store = build(family, tmp_path, 2, text, "lib")
     names = layout(family)
     V = dense(family)
     basis_only = build_store(family.base, family.tasks, make_method("pca", 2), tmp_path / "plain", exclude=EXCLUDE)
@@ -111,7 +112,7 @@ def test_residual_codes_match_the_codes_library(family, tmp_path: Path) -> None:
 
 
 def test_chunk_size_changes_nothing(family, tmp_path: Path) -> None:
-    plans = ["keep:0.25:int2:seed=0", "topk:0.1"]
+    plans = ["keep:0.25:int2:seed=0", "keep:0.25:sr2:seed=4", "topk:0.1"]
     for spec in plans:
         a = build(family, tmp_path, 1, spec, f"a-{spec}", chunk_elements=7)
         b = build(family, tmp_path, 1, spec, f"b-{spec}", chunk_elements=1 << 20)

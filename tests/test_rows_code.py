@@ -48,7 +48,9 @@ def with_zero_rows(shape: tuple[int, ...], zero_every: int = 3, seed: int = 0) -
 # -- the code ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("inner", ["int8", "int4", "keep:0.25:int4:seed=2", "topk:0.2", "lowrank:2", "fp16", "sign"])
+@pytest.mark.parametrize(
+    "inner", ["int8", "int4", "keep:0.25:int4:seed=2", "keep:0.5:sr2:seed=1", "topk:0.2", "lowrank:2", "fp16", "sign"]
+)
 @pytest.mark.parametrize("shape", [(40, 12), (9, 3, 4), (4, 16)])
 def test_zero_rows_stay_zero_and_the_rest_is_the_inner_code(inner: str, shape: tuple[int, ...]) -> None:
     spec = parse_code(f"rows:{inner}")
