@@ -71,8 +71,8 @@ def test_nbytes_from_shape_equals_payload(text: str) -> None:
         ("int2", (5, 7), 5 * 2 + 4 * 5),  # 7 crumbs -> 2 bytes per row
         ("lloydmax2", (2, 33), 2 * 9 + 4 * 2),
         ("sign", (2, 33), 2 * 5 + 4 * 2),
-        ("keep:0.25:int4:seed=0", (6, 10), 6 * 2 + 4 * 6 + 8),  # k = round(2.5) = 3 -> 2 bytes
-        ("keep:0.5:sr2:seed=0", (6, 10), 6 * 2 + 2 * 6 + 8),  # 5 crumbs -> 2 bytes, bfloat16 scales
+        ("keep:0.25:int4:seed=0", (6, 10), 6 * 2 + 4 * 6),  # k = round(2.5) = 3 -> 2 bytes; the seed is the spec's
+        ("keep:0.5:sr2:seed=0", (6, 10), 6 * (2 + 2)),  # bfloat16 scale, then 5 crumbs -> 2 bytes
         ("topk:0.05", (10, 100), 2 * 50 + 50 * 2),  # 50 two-byte indices (100) < 125-byte bitmap
         ("topk:0.5", (10, 100), 2 * 500 + 125),  # bitmap
         ("lowrank:3", (6, 10), (6 + 10) * 3 * 2),
@@ -182,10 +182,12 @@ def test_none_and_dense() -> None:
     assert torch.equal(decode(encode(parse_code("bf16"), x)), x.bfloat16().double())
 
 
-def _keep_chunks(spec: CodeSpec, x: torch.Tensor, cuts: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _keep_chunks(spec: CodeSpec, x: torch.Tensor, cuts: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Decoded rows and the payload (every part is per row) of ``x`` coded in blocks cut at ``cuts``."""
     bounds = [0, *cuts, x.shape[0]]
     encs = [encode(spec, x[a:b], TensorKey(KEY.tensor, KEY.task, a)) for a, b in itertools.pairwise(bounds)]
-    return torch.cat([decode(e) for e in encs]), [e.payload["codes"] for e in encs]
+    payload = {k: torch.cat([e.payload[k] for e in encs]) for k in encs[0].payload}
+    return torch.cat([decode(e) for e in encs]), payload
 
 
 @pytest.mark.parametrize("values", ["int4", "sr2"])
@@ -196,9 +198,10 @@ def test_keep_is_chunk_invariant(monkeypatch: pytest.MonkeyPatch, values: str) -
         monkeypatch.setattr(keep_module, "KEEP_BLOCK", block)
         whole = encode(spec, x, KEY)
         for cuts in ([1], [3, 4, 9], [2, 5], list(range(1, 11))):
-            y, codes = _keep_chunks(spec, x, cuts)
+            y, payload = _keep_chunks(spec, x, cuts)
             assert torch.equal(y, decode(whole))
-            assert torch.equal(torch.cat(codes), whole.payload["codes"])
+            assert payload.keys() == whole.payload.keys()
+            assert all(torch.equal(payload[k], whole.payload[k]) for k in payload)
         # exactly k = 2 kept per row, and the kept values are the quantized row's, rescaled by n / k
         y = decode(whole)
         assert torch.all((y != 0).sum(dim=1) <= 2)

@@ -20,7 +20,7 @@ from tvbasis.codes import TensorKey, decode, encode, nbytes, parse_code
 from tvbasis.errors import TvbasisError
 from tvbasis.methods import make_method
 from tvbasis.store import open_store
-from tvbasis.store.residuals import CodePlan, TensorCode, payload_parts, uniform_plan
+from tvbasis.store.residuals import CodePlan, PayloadPart, TensorCode, payload_parts, uniform_plan
 from tvbasis.tasks import TaskVectorSet
 from tvbasis.tasks.taskvectors import plan_chunks
 from tvbasis.update import add_task
@@ -151,7 +151,9 @@ def test_bytes_are_counted(family, tmp_path: Path) -> None:
     assert entry["payload_bytes"] == 5 * sum(nbytes(parse_code("int4"), s) for s in shapes.values())
     assert files > entry["payload_bytes"]  # plus the safetensors headers
     parts = payload_parts(parse_code("keep:0.5:int4"), (19, 8))
-    assert {p.name: p.per_row for p in parts} == {"codes": True, "scale": True, "seed": False}
+    assert {p.name: p.per_row for p in parts} == {"codes": True, "scale": True}  # the seed is the spec's
+    # sr2 keeps each row's scale with its codes: one part, so one header entry per tensor and task
+    assert payload_parts(parse_code("keep:0.5:sr2"), (19, 8)) == [PayloadPart("kept", (19, 3), torch.uint8, True)]
 
 
 def test_edit_and_reconstruct_use_the_residuals(family, tmp_path: Path) -> None:

@@ -79,7 +79,7 @@ def test_all_zero_and_dense_tensors() -> None:
     zero = torch.zeros(30, 8)
     enc = encode(spec, zero)
     assert torch.equal(decode(enc), torch.zeros(30, 8, dtype=torch.float64))
-    assert enc.nbytes == nbytes(spec, (30, 8), 0) == 8 + 8  # the count and the keep code's seed; no rows
+    assert enc.nbytes == nbytes(spec, (30, 8), 0) == 8  # the count; no rows
     dense = torch.randn(30, 8)
     # every row nonzero: a bitmap (4 bytes) beats 30 one-byte indices, on top of the inner code
     assert encode(spec, dense).nbytes == 8 + 4 + nbytes(parse_code("keep:0.5:int4:seed=0"), (30, 8))

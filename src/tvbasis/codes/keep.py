@@ -3,7 +3,8 @@
 Exactly ``k = round(P * row_numel)`` (at least 1) entries of every row are kept, a uniformly
 random subset drawn from (seed, tensor name, task, row); decoding puts their coded values back at
 their places times ``row_numel / k`` and leaves the rest zero. The kept set is regenerated when
-decoding, so only the kept codes, the scales and the seed are stored. Kept values are coded as:
+decoding, so only the kept codes and the scales are stored (the seed is in the spec, which the
+store keeps anyway). Kept values are coded as:
 
 - ``int8``/``int4``/``int2`` (``tvbasis.codes.uniform``): the row is quantized whole, with one
   float32 scale per row from the *whole* row, and the kept codes are stored. The expectation over
@@ -24,8 +25,9 @@ The random numbers (the kept sets, and sr2's rounding, a separate stream) come i
 depend only on its index in the tensor, so a tensor coded in row blocks (chunks) is coded the
 same whatever the chunking. A 1-D tensor is one row.
 
-Bytes: ``rows * ceil(k * bits / 8) + 4 * rows + 8`` for ``intN`` (the seed, an int64);
-``rows * ceil(k / 4) + 2 * rows + 8`` for ``sr2``.
+Bytes: ``rows * ceil(k * bits / 8) + 4 * rows`` for ``intN``; ``rows * (2 + ceil(k / 4))`` for
+``sr2``, whose payload is one ``(rows, 2 + ceil(k / 4))`` byte matrix (each row its bfloat16 scale,
+then its packed codes; part ``kept``), so a store gives it one entry per tensor and task.
 """
 
 from __future__ import annotations
@@ -55,13 +57,12 @@ KEEP_BLOCK = 1 << 16
 #: Separates this code's random streams from other seeded ones (DARE, random bases) with the same seed.
 _STREAM = zlib.crc32(b"tvbasis.codes.keep")
 _ROUND_STREAM = zlib.crc32(b"tvbasis.codes.keep.round")
-SEED_BYTES = 8
 #: The value word of stochastic 2-bit rounding, and where it clips: this many times the row's RMS.
 SR2 = "sr2"
 SR2_CLIP = 2.0
 #: sr2's levels in units of its scale ``a``: -a, -a/3, a/3, a (codes 0..3).
 _SR2_STEP = 2.0 / 3.0
-SR2_SCALE_BYTES = 2
+_SR2_SCALE_BYTES = 2
 
 
 def _uniform_blocks(keys: list[int], start: int, stop: int, n: int, cols: int) -> Iterator[np.ndarray]:
@@ -155,27 +156,28 @@ def _encode(spec: CodeSpec, x: torch.Tensor, key: TensorKey) -> Mapping[str, tor
     n_rows, n = rows.shape
     k = count_of(p, n)
     pos = keep_positions(seed, key, n_rows, n, k)
-    seed_tensor = torch.tensor(seed, dtype=torch.int64)
     if not is_stochastic(spec):
         q, scale = quantize(rows, bits)
-        return {"codes": pack_signed(q.gather(1, pos), bits), "scale": scale, "seed": seed_tensor}
+        return {"codes": pack_signed(q.gather(1, pos), bits), "scale": scale}
     scale = sr2_scale(rows)
     _, below, t = _sr2_levels(rows.gather(1, pos), scale)
     if n_rows and k:
         blocks = _uniform_blocks(_stream_keys(seed, key, _ROUND_STREAM), key.row, key.row + n_rows, n, k)
         below += torch.from_numpy(np.concatenate(list(blocks))) < t
-    return {"codes": pack_rows(below.to(torch.uint8), 2), "scale": scale, "seed": seed_tensor}
+    return {"kept": torch.cat([scale.view(torch.uint8).reshape(n_rows, _SR2_SCALE_BYTES), pack_rows(below, 2)], 1)}
 
 
 def _decode(
     spec: CodeSpec, shape: tuple[int, ...], key: TensorKey, payload: Mapping[str, torch.Tensor]
 ) -> torch.Tensor:
-    p, bits, _ = _params(spec)
+    p, bits, seed = _params(spec)
     n_rows, n = row_view_shape(shape)
     k = count_of(p, n)
-    pos = keep_positions(int(payload["seed"]), key, n_rows, n, k)
+    pos = keep_positions(seed, key, n_rows, n, k)
     if is_stochastic(spec):
-        kept = _sr2_value(unpack_rows(payload["codes"], 2, k), payload["scale"])
+        kept_rows = payload["kept"]
+        scale = kept_rows[:, :_SR2_SCALE_BYTES].reshape(-1).clone().view(torch.bfloat16)
+        kept = _sr2_value(unpack_rows(kept_rows[:, _SR2_SCALE_BYTES:], 2, k), scale)
     else:
         kept = dequantize_rows(unpack_signed(payload["codes"], bits, k), payload["scale"])
     out = torch.zeros(n_rows, n, dtype=torch.float64)
@@ -189,8 +191,8 @@ def _nbytes(spec: CodeSpec, shape: tuple[int, ...]) -> int:
     n_rows, n = row_view_shape(shape)
     k = count_of(p, n)
     if is_stochastic(spec):
-        return n_rows * (packed_row_bytes(k, 2) + SR2_SCALE_BYTES) + SEED_BYTES
-    return values_nbytes(n_rows, k, bits) + SEED_BYTES
+        return n_rows * (_SR2_SCALE_BYTES + packed_row_bytes(k, 2))
+    return values_nbytes(n_rows, k, bits)
 
 
 def _moments(spec: CodeSpec, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
