@@ -4,6 +4,7 @@ the counts, the planner prices the code with them."""
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from tvbasis.errors import TvbasisError
 from tvbasis.methods import make_method
 from tvbasis.planning.budget import build_for_budget, estimate_plan, plan_budget, stats_from_store
 from tvbasis.store import open_store
-from tvbasis.store.residuals import CodePlan, TensorCode, uniform_plan
+from tvbasis.store.residuals import CodePlan, TensorCode, residual_header_bytes, uniform_plan
 from tvbasis.tasks import TaskVectorSet
 from tvbasis.tasks.taskvectors import plan_chunks
 
@@ -255,6 +256,35 @@ def test_the_planner_uses_rows_codes_where_rows_are_zero(sparse, tmp_path: Path)
         sparse.base, sparse.tasks, make_method("pca", 0), tmp_path / "r", exclude=EXCLUDE, codes=plan
     )
     assert sum(c.nbytes for c in priced.choices) == rows_store.manifest["residuals"]["payload_bytes"]
+
+
+def test_residual_headers_are_priced_exactly(sparse, tmp_path: Path) -> None:
+    """Header bytes of every task's residual file, from codes, shapes and row counts alone; the
+    planner's overhead is them plus its fixed allowance, so a plan spends what headers leave."""
+    stats = tmp_path / "stats"
+    build_store(sparse.base, sparse.tasks, make_method("pca", 1), stats, exclude=EXCLUDE, tensor_stats=True)
+    counts = open_store(stats).tensor_nonzero_rows
+    plan = CodePlan(
+        tensors={EMBED: TensorCode(False, parse_code("rows:keep:0.5:sr2:seed=1"))},
+        default=TensorCode(False, parse_code("keep:0.25:int4")),
+    )
+    store = build_store(sparse.base, sparse.tasks, make_method("pca", 0), tmp_path / "s", exclude=EXCLUDE, codes=plan)
+    files = [(store.path / f).read_bytes() for f in store.manifest["residuals"]["files"]]
+    written = sum(8 + struct.unpack("<Q", f[:8])[0] for f in files)
+    codes = {n: TensorCode.from_json(v) for n, v in store.manifest["residuals"]["tensors"].items()}
+    shapes = {n: store.shape_of(n) for n in codes}
+    assert residual_header_bytes(codes, shapes, store.task_names, counts) == written
+    with pytest.raises(TvbasisError, match=r"embed\.weight.*count of nonzero rows"):
+        residual_header_bytes(codes, shapes, store.task_names)
+    gram, grams, shapes, names = stats_from_store(stats)
+    room = 5 * sum(nbytes(parse_code("int8"), s) for s in shapes.values()) // 2  # half of int8 everywhere
+    budget = plan_budget(gram, grams, shapes, 10**9, nonzero_rows=counts).overhead_bytes + room
+    planned = plan_budget(gram, grams, shapes, budget, task_names=names, nonzero_rows=counts)
+    chosen = {c.tensor: c.code for c in planned.choices}
+    headers = residual_header_bytes(chosen, shapes, names, counts)
+    fixed = estimate_plan(gram, grams, shapes, planned.codes, planned.n_atoms, task_names=names, nonzero_rows=counts)
+    assert planned.overhead_bytes == fixed.overhead_bytes  # both price the chosen codes' headers exactly
+    assert headers < planned.overhead_bytes <= planned.budget_bytes - sum(c.nbytes for c in planned.choices)
 
 
 def test_plan_shows_the_share_of_rows_each_tensor_changes(sparse, tmp_path: Path) -> None:

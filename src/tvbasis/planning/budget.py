@@ -47,6 +47,7 @@ from tvbasis.store.residuals import (
     TensorCode,
     check_atom_code,
     payload_parts,
+    residual_header_bytes,
     tensor_residual_nbytes,
 )
 
@@ -211,16 +212,22 @@ def _header_bytes(specs: list[TensorSpec]) -> int:
     return len(prefix)
 
 
-def _overhead(
-    n_tasks: int,
-    shapes: Mapping[str, tuple[int, ...]],
-    n_atoms: int,
-    residual_codes: Sequence[str],
-    sparse: Collection[str] = (),
+def _fixed_overhead(n_tasks: int, shapes: Mapping[str, tuple[int, ...]], n_atoms: int) -> int:
+    """Headers of the atom files, the matrices and the manifest (a fixed allowance: an upper estimate)."""
+    atom_specs = [TensorSpec(n, s, torch.int8) for n, s in shapes.items()]
+    atom_specs += [TensorSpec(n + ".qscale", s[:1], torch.float32) for n, s in shapes.items() if len(s) >= 2]
+    atom_headers = n_atoms * _header_bytes(atom_specs)
+    matrices = 8 * (3 * n_tasks * n_tasks + 3 * (n_atoms + 1) * n_tasks) + 4096
+    manifest = FIXED_OVERHEAD + MANIFEST_BYTES_PER_TENSOR * len(shapes) + 200 * n_tasks
+    return manifest + atom_headers + matrices + coefficient_bytes(n_atoms, n_tasks)
+
+
+def _residual_header_bound(
+    n_tasks: int, shapes: Mapping[str, tuple[int, ...]], residual_codes: Sequence[str], sparse: Collection[str] = ()
 ) -> int:
-    """Headers of the residual and atom files, the matrices and a fixed allowance (an upper estimate)."""
-    # Residual headers: price every tensor with the candidate whose parts are most numerous (with
-    # a code that skips zero rows for the tensors in ``sparse``, which have some).
+    """Headers of the residual files before the codes are chosen: every tensor priced with the
+    candidate whose parts are most numerous (with a code that skips zero rows for the tensors in
+    ``sparse``, which have some)."""
     parsed = [parse_code(c) for c in residual_codes]
     dense = [s for s in parsed if s.name != "rows"] or parsed
     widest = max(dense, key=lambda s: len(payload_parts(s, (2, 2))))
@@ -230,13 +237,22 @@ def _overhead(
         for n, shape in shapes.items()
         for p in payload_parts(widest_sparse if n in sparse else widest, shape)
     ]
-    residual_headers = n_tasks * _header_bytes(specs)
-    atom_specs = [TensorSpec(n, s, torch.int8) for n, s in shapes.items()]
-    atom_specs += [TensorSpec(n + ".qscale", s[:1], torch.float32) for n, s in shapes.items() if len(s) >= 2]
-    atom_headers = n_atoms * _header_bytes(atom_specs)
-    matrices = 8 * (3 * n_tasks * n_tasks + 3 * (n_atoms + 1) * n_tasks) + 4096
-    manifest = FIXED_OVERHEAD + MANIFEST_BYTES_PER_TENSOR * len(shapes) + 200 * n_tasks
-    return manifest + residual_headers + atom_headers + matrices + coefficient_bytes(n_atoms, n_tasks)
+    return n_tasks * _header_bytes(specs)
+
+
+#: ``payload_parts`` probes codes on zeros (whole tensors for ``rows:...``): once per argument set.
+_cached_parts = lru_cache(maxsize=8192)(payload_parts)
+
+
+def _residual_headers(
+    choices: Sequence[Choice],
+    shapes: Mapping[str, tuple[int, ...]],
+    task_names: Sequence[str],
+    nonzero_rows: Mapping[str, np.ndarray] | None,
+) -> int:
+    """The residual files' headers of a plan, exactly as the store will write them."""
+    codes = {c.tensor: c.code for c in choices}
+    return residual_header_bytes(codes, shapes, [str(t) for t in task_names], nonzero_rows, _cached_parts)
 
 
 def plan_budget(
@@ -290,13 +306,21 @@ def plan_budget(
     if tensor_atoms is None:
         tensor_atoms = [m for m in atoms if m > 0]
     best: BudgetPlan | None = None
+    best_options: list[list[tuple[float, Choice]]] = []
     own_energy: dict[tuple[str, int], np.ndarray] = {}
     plan_names = list(task_names or range(T))
+
+    def solve(options: list[list[tuple[float, Choice]]], room: int) -> list[Choice] | None:
+        if objective == "worst":
+            return _worst_case(options, room, noise_weight)
+        return _knapsack(options, room)
+
     for m in atoms:
         if not 0 <= m <= T:
             raise TvbasisError(f"--atoms {m}: must be between 0 and T = {T}")
         encoder, decoder = _pca(gram, m) if m else (np.zeros((T, 0)), np.zeros((0, T)))
-        overhead = _overhead(T, shapes, m, [str(s) for s in (*specs, *row_specs)], sparse)
+        overhead = _fixed_overhead(T, shapes, m)
+        overhead += _residual_header_bound(T, shapes, [str(s) for s in (*specs, *row_specs)], sparse)
         options = _tensor_options(
             names,
             shapes,
@@ -313,20 +337,26 @@ def plan_budget(
             nonzero_rows,
             row_specs,
         )
-        if objective == "worst":
-            plan = _worst_case(options, budget_bytes - overhead, noise_weight)
-        else:
-            plan = _knapsack(options, budget_bytes - overhead)
+        plan = solve(options, budget_bytes - overhead)
         if plan is None:
             continue
         candidate = BudgetPlan(m, plan, budget_bytes, original, overhead, noise_weight, plan_names, objective)
         if best is None or candidate.score < best.score:
-            best = candidate
+            best, best_options = candidate, options
     if best is None:
         raise TvbasisError(
             f"--budget {budget}: {budget_bytes:,} bytes cannot hold even the store's headers and matrices; "
             f"give a larger budget"
         )
+    # The headers were priced with every tensor's widest candidate; price the chosen plan's exactly
+    # and plan once more with the bytes that frees, keeping the new plan if it fits with its own.
+    fixed = _fixed_overhead(T, shapes, best.n_atoms)
+    best.overhead_bytes = fixed + _residual_headers(best.choices, shapes, plan_names, nonzero_rows)
+    again = solve(best_options, budget_bytes - best.overhead_bytes)
+    if again is not None:
+        overhead = fixed + _residual_headers(again, shapes, plan_names, nonzero_rows)
+        if overhead + sum(c.nbytes for c in again) <= budget_bytes:
+            best.choices, best.overhead_bytes = again, overhead
     return best
 
 
@@ -369,9 +399,9 @@ def estimate_plan(
         )
         choices.append(next(c for _, c in options if c.code == tc))
     original = 4 * T * sum(math.prod(s) for s in shapes.values())
-    sparse = {n for n in names if codes.of(n).residual.name == "rows"}
-    overhead = _overhead(T, shapes, n_atoms, [str(codes.of(n).residual) for n in names], sparse)
-    plan = BudgetPlan(n_atoms, choices, 0, original, overhead, noise_weight, list(task_names or range(T)))
+    plan_names = list(task_names or range(T))
+    overhead = _fixed_overhead(T, shapes, n_atoms) + _residual_headers(choices, shapes, plan_names, nonzero_rows)
+    plan = BudgetPlan(n_atoms, choices, 0, original, overhead, noise_weight, plan_names)
     plan.budget_bytes = plan.nbytes
     return plan
 

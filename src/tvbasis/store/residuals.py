@@ -7,7 +7,7 @@ residuals of all tasks, e.g. ``keep:0.0625:int4:seed=0`` or ``int4`` or ``none``
 addition is then ``S (W a) + sum_t a_t R_hat_t``, decoded chunk by chunk.
 
 Layout: ``residuals/task-000.safetensors`` ... one file per task (in task order) holding every
-coded tensor's payload parts as ``TENSOR/PART`` (``codes``, ``scale``, ``seed`` ...). Parts with
+coded tensor's payload parts as ``TENSOR/PART`` (``codes``, ``scale`` ...). Parts with
 one entry per row of the tensor keep the tensor's rows as their first dimension, so a chunk of
 rows decodes from the same rows of the payload. The manifest's ``residuals`` section records
 every tensor's code and whether the basis covers it.
@@ -15,7 +15,7 @@ every tensor's code and whether the basis covers it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -28,7 +28,7 @@ from tvbasis.codes import CodeSpec, TensorKey, code, decode, encode, nbytes, par
 from tvbasis.codes.core import Encoded, row_view_shape
 from tvbasis.errors import TvbasisError
 from tvbasis.io.checkpoint import Checkpoint, _safetensors_infos
-from tvbasis.io.writer import RowWriter, TensorSpec
+from tvbasis.io.writer import RowWriter, TensorSpec, safetensors_header
 from tvbasis.tasks.taskvectors import Chunk
 
 RESIDUALS_DIR = "residuals"
@@ -172,6 +172,63 @@ def part_key(tensor: str, part: str) -> str:
     return f"{tensor}/{part}"
 
 
+#: ``(spec, shape, nonzero_rows) -> parts``: ``payload_parts`` or a cached stand-in for it.
+PartsFn = Callable[[CodeSpec, tuple[int, ...], int | None], list[PayloadPart]]
+
+
+def task_payload_parts(
+    codes: Mapping[str, TensorCode],
+    shapes: Mapping[str, tuple[int, ...]],
+    n_tasks: int,
+    nonzero_rows: Mapping[str, np.ndarray] | None = None,
+    parts_of: PartsFn = payload_parts,
+) -> list[dict[str, list[PayloadPart]]]:
+    """Per task, every tensor's residual payload parts: the same for every task but where a code
+    that skips zero rows (``rows:...``) is sized by the task's count of nonzero rows."""
+    same = {n: parts_of(tc.residual, shapes[n], None) for n, tc in codes.items()}
+    sparse = [n for n, tc in codes.items() if code(tc.residual.name).sparse_nbytes is not None]
+    probed: dict[tuple[str, int], list[PayloadPart]] = {}  # tasks with the same count share a probe
+    out = []
+    for t in range(n_tasks):
+        parts = dict(same)
+        for n in sparse:
+            if nonzero_rows is None or n not in nonzero_rows:
+                raise TvbasisError(
+                    f"tensor {n!r}: code {codes[n].residual} needs every task's count of nonzero rows, which the "
+                    f"Gram pass gathers from full fine-tunes only (not when every task is a LoRA adapter)"
+                )
+            count = int(nonzero_rows[n][t])
+            if (n, count) not in probed:
+                probed[(n, count)] = parts_of(codes[n].residual, shapes[n], count)
+            parts[n] = probed[(n, count)]
+        out.append(parts)
+    return out
+
+
+def task_file_specs(parts: Mapping[str, list[PayloadPart]]) -> list[TensorSpec]:
+    """The tensors of one task's residual file, in order."""
+    return [TensorSpec(part_key(n, p.name), p.shape, p.dtype) for n, ps in parts.items() for p in ps]
+
+
+def task_file_metadata(task: str) -> dict[str, str]:
+    return {"tvbasis_residual_task": task}
+
+
+def residual_header_bytes(
+    codes: Mapping[str, TensorCode],
+    shapes: Mapping[str, tuple[int, ...]],
+    task_names: Sequence[str],
+    nonzero_rows: Mapping[str, np.ndarray] | None = None,
+    parts_of: PartsFn = payload_parts,
+) -> int:
+    """The bytes of the residual files beyond their payloads: each file's safetensors header, exactly."""
+    per_task = task_payload_parts(codes, shapes, len(task_names), nonzero_rows, parts_of)
+    return sum(
+        len(safetensors_header(task_file_specs(parts), task_file_metadata(task))[0])
+        for task, parts in zip(task_names, per_task, strict=True)
+    )
+
+
 def task_file(t: int) -> str:
     return f"{RESIDUALS_DIR}/task-{t:03d}.safetensors"
 
@@ -212,32 +269,12 @@ class ResidualWriter:
     _bases: RowWriter | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        for n, tc in self.codes.items():
-            if code(tc.residual.name).sparse_nbytes is not None and (
-                self.nonzero_rows is None or n not in self.nonzero_rows
-            ):
-                raise TvbasisError(
-                    f"tensor {n!r}: code {tc.residual} needs every task's count of nonzero rows, which the "
-                    f"Gram pass gathers from full fine-tunes only (not when every task is a LoRA adapter)"
-                )
+        _ = self.parts  # refuses a code that needs row counts it was not given, before anything is written
 
     @cached_property
     def parts(self) -> list[dict[str, list[PayloadPart]]]:
         """Per task, every tensor's payload parts (they differ between tasks for ``rows:...`` codes)."""
-        same = {n: payload_parts(tc.residual, self.shapes[n]) for n, tc in self.codes.items()}
-        sparse = [n for n, tc in self.codes.items() if code(tc.residual.name).sparse_nbytes is not None]
-        probed: dict[tuple[str, int], list[PayloadPart]] = {}  # tasks with the same count share a probe
-        out = []
-        for t in range(len(self.task_names)):
-            parts = dict(same)
-            for n in sparse:
-                assert self.nonzero_rows is not None
-                count = int(self.nonzero_rows[n][t])
-                if (n, count) not in probed:
-                    probed[(n, count)] = payload_parts(self.codes[n].residual, self.shapes[n], count)
-                parts[n] = probed[(n, count)]
-            out.append(parts)
-        return out
+        return task_payload_parts(self.codes, self.shapes, len(self.task_names), self.nonzero_rows)
 
     @cached_property
     def atom_parts(self) -> dict[str, list[PayloadPart]]:
@@ -247,12 +284,8 @@ class ResidualWriter:
     def create(self) -> None:
         (self.directory / RESIDUALS_DIR).mkdir(parents=True, exist_ok=True)
         for t, task in enumerate(self.task_names):
-            specs = [
-                TensorSpec(part_key(n, p.name), p.shape, p.dtype) for n, parts in self.parts[t].items() for p in parts
-            ]
-            self._writers.append(
-                RowWriter(self.directory / task_file(t), specs, {"tvbasis_residual_task": task}, create=True)
-            )
+            specs = task_file_specs(self.parts[t])
+            self._writers.append(RowWriter(self.directory / task_file(t), specs, task_file_metadata(task), create=True))
         if self.atom_parts:
             T = len(self.task_names)
             specs = []
