@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from common import read_flat, tree_digest, write_family
@@ -154,6 +156,23 @@ def test_bytes_are_counted(family, tmp_path: Path) -> None:
     assert {p.name: p.per_row for p in parts} == {"codes": True, "scale": True}  # the seed is the spec's
     # sr2 keeps each row's scale with its codes: one part, so one header entry per tensor and task
     assert payload_parts(parse_code("keep:0.5:sr2"), (19, 8)) == [PayloadPart("kept", (19, 3), torch.uint8, True)]
+
+
+def test_stores_whose_keep_payloads_hold_their_seed_still_decode(family, tmp_path: Path) -> None:
+    """Keep codes once stored their seed as a payload part (``TENSOR/seed``); it is the spec's, so
+    such stores decode the same, the extra part unread."""
+    store = build(family, tmp_path, 1, "keep:0.5:int4:seed=3", "now")
+    older = tmp_path / "older"
+    shutil.copytree(store.path, older)
+    manifest = json.loads((older / "tvbasis.json").read_text())
+    for rel in manifest["residuals"]["files"]:
+        tensors = load_file(older / rel)
+        for tensor in {k.rsplit("/", 1)[0] for k in tensors}:
+            tensors[f"{tensor}/seed"] = torch.tensor(3, dtype=torch.int64)
+        save_file(tensors, older / rel, metadata={"tvbasis_residual_task": "x"})
+        manifest["files"][rel] = (older / rel).stat().st_size
+    (older / "tvbasis.json").write_text(json.dumps(manifest))
+    np.testing.assert_array_equal(task_matrix(open_store(older), np.eye(5)), task_matrix(store, np.eye(5)))
 
 
 def test_edit_and_reconstruct_use_the_residuals(family, tmp_path: Path) -> None:
