@@ -13,6 +13,7 @@ bases are compared with the planned mix (``build --budget``) at 0.4%, 0.8%, 1.6%
 planned for the mean task's loss and for the worst task's (``--objective worst``).
 
     .venv/bin/python benchmarks/synthetic_frontier.py --out runs/synthetic [--tasks 64] [--noise 0.05]
+    .venv/bin/python benchmarks/synthetic_frontier.py --out runs/synthetic --report   # the table again
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ SINGLE: list[tuple[str, int, str | None, str]] = [
     ("keep 12.5% int4", 0, "keep:0.125:int4:seed=0", "int8"),
     ("keep 6.25% int4", 0, "keep:0.0625:int4:seed=0", "int8"),
     ("keep 1.25% int8", 0, "keep:0.0125:int8:seed=0", "int8"),
+    ("keep 25% sr2", 0, "keep:0.25:sr2:seed=0", "int8"),
+    ("keep 12.5% sr2", 0, "keep:0.125:sr2:seed=0", "int8"),
     ("topk 6.25%", 0, "topk:0.0625", "int8"),
     ("pca M=2", 2, None, "int8"),
     ("pca M=4", 4, None, "int8"),
@@ -105,12 +108,32 @@ def single_plan(m: int, residual: str | None, atom_code: str) -> tuple[CodePlan 
     return (CodePlan(default=TensorCode(True, spec)) if residual else None), m
 
 
+def markdown_table(rows: list[dict]) -> str:
+    """The results as the table in docs/frontier.md."""
+    lines = [
+        "| configuration | bytes | M | est. bias (mean) | est. variance (mean) | est. loss, mean | "
+        "est. loss, worst task | realised squared error |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['label']} | {100 * r['bytes_ratio']:.3g}% | {r['M']} | {r['est_bias_mean']:.4f} | "
+            f"{r['est_variance_mean']:.3g} | {r['est_loss_mean']:.4f} | {r['est_loss_max']:.4f} | "
+            f"{r['realised_sq_error_mean']:.4f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("runs/synthetic"))
     ap.add_argument("--tasks", type=int, default=64)
     ap.add_argument("--noise", type=float, default=0.05)
+    ap.add_argument("--report", action="store_true", help="only print the table of the last run's results.json")
     args = ap.parse_args()
+    if args.report:
+        print(markdown_table(json.loads((args.out / "results.json").read_text())["rows"]))
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     base, sources = write_collection(args.out / "collection", args.tasks, args.noise)
     stats = args.out / "stats"
@@ -168,6 +191,7 @@ def main() -> None:
         + "\n"
     )
     shutil.rmtree(path, ignore_errors=True)
+    print(markdown_table(rows))
 
 
 if __name__ == "__main__":
