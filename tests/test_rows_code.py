@@ -22,7 +22,7 @@ from tvbasis.errors import TvbasisError
 from tvbasis.methods import make_method
 from tvbasis.planning.budget import build_for_budget, estimate_plan, plan_budget, stats_from_store
 from tvbasis.store import open_store
-from tvbasis.store.residuals import CodePlan, TensorCode, residual_header_bytes, uniform_plan
+from tvbasis.store.residuals import CodePlan, TensorCode, payload_parts, residual_header_bytes, uniform_plan
 from tvbasis.tasks import TaskVectorSet
 from tvbasis.tasks.taskvectors import plan_chunks
 
@@ -325,3 +325,15 @@ def test_cli_plans_and_builds_with_or_without_rows_codes(sparse, tmp_path: Path)
     assert built.exit_code == 0, built.output
     tensors = open_store(tmp_path / "b").manifest["residuals"]["tensors"]
     assert not any(v["residual"].startswith("rows:") for v in tensors.values())
+
+
+@pytest.mark.parametrize("inner", ["keep:0.0625:sr2:seed=0", "int4", "topk:0.2", "lowrank:2", "keep:0.5:int4", "fp16"])
+def test_payload_parts_of_rows_codes_are_those_they_encode(inner: str) -> None:
+    """The store lays out a rows code's parts without encoding the whole tensor: the same parts."""
+    spec = parse_code(f"rows:{inner}")
+    for shape, count in [((300, 12), 7), ((40, 12), 0), ((40, 12), 40), ((9, 3, 4), 5), ((9, 3, 4), 0), ((16,), 1)]:
+        x = torch.zeros(shape)
+        x.reshape(shape[0] if len(shape) > 1 else 1, -1)[:count] = 1.0
+        encoded = {k: (tuple(v.shape), v.dtype) for k, v in encode(spec, x).payload.items()}
+        laid_out = {p.name: (p.shape, p.dtype) for p in payload_parts(spec, shape, count)}
+        assert laid_out == encoded, (shape, count)

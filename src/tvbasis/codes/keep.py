@@ -87,7 +87,7 @@ def _stream_keys(seed: int, key: TensorKey, stream: int) -> list[int]:
 def keep_positions(seed: int, key: TensorKey, rows: int, n: int, k: int) -> torch.Tensor:
     """Sorted column indices ``(rows, k)`` kept in rows ``key.row : key.row + rows`` of a tensor with rows of ``n``."""
     if k >= n or rows == 0:
-        return torch.arange(n, dtype=torch.int64).expand(rows, n).clone()
+        return torch.arange(k, dtype=torch.int64).expand(rows, k).clone()
     blocks = _uniform_blocks(_stream_keys(seed, key, _STREAM), key.row, key.row + rows, n, n)
     parts = [np.sort(np.argpartition(u, k - 1, axis=1)[:, :k], axis=1) for u in blocks]
     return torch.from_numpy(np.concatenate(parts) if len(parts) > 1 else parts[0])

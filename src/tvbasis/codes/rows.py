@@ -39,6 +39,8 @@ from tvbasis.errors import TvbasisError
 
 #: Payload parts of the row set; the inner code's parts must not use these names.
 COUNT, POSITIONS = "count", "rows"
+#: The parts this code stores itself, before the inner code's.
+OWN_PARTS = (COUNT, POSITIONS)
 
 
 def inner_spec(spec: CodeSpec) -> CodeSpec:
@@ -62,14 +64,14 @@ def _nonzero(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return idx, rows[idx]
 
 
-def _inner_shape(shape: tuple[int, ...], count: int) -> tuple[int, ...]:
+def inner_shape(shape: tuple[int, ...], count: int) -> tuple[int, ...]:
     return (count, *shape[1:]) if len(shape) >= 2 else (count, *shape)
 
 
 def _encode(spec: CodeSpec, x: torch.Tensor, key: TensorKey) -> Mapping[str, torch.Tensor]:
     n_rows, _ = row_view_shape(tuple(x.shape))
     idx, kept = _nonzero(x)
-    inner = encode(inner_spec(spec), kept.reshape(_inner_shape(tuple(x.shape), len(idx))), key)
+    inner = encode(inner_spec(spec), kept.reshape(inner_shape(tuple(x.shape), len(idx))), key)
     clash = {COUNT, POSITIONS} & set(inner.payload)
     if clash:  # a code added later with these part names: a bug, not user input
         raise RuntimeError(f"code {inner.spec}: payload part {sorted(clash)[0]!r} clashes with rows:")
@@ -87,7 +89,7 @@ def _decode(
     count = int(payload[COUNT])
     idx = unpack_positions(payload[POSITIONS], n_rows, count)
     inner_payload = {k: v for k, v in payload.items() if k not in (COUNT, POSITIONS)}
-    kept = decode(Encoded(inner_spec(spec), _inner_shape(shape, count), key, inner_payload))
+    kept = decode(Encoded(inner_spec(spec), inner_shape(shape, count), key, inner_payload))
     out = torch.zeros(n_rows, row_numel, dtype=torch.float64)
     out[idx] = kept.reshape(count, row_numel)
     return out.reshape(shape)
@@ -97,7 +99,7 @@ def _sparse_nbytes(spec: CodeSpec, shape: tuple[int, ...], count: int) -> int:
     n_rows, _ = row_view_shape(shape)
     if not 0 <= count <= n_rows:
         raise TvbasisError(f"code {spec}: {count} nonzero rows of a tensor with {n_rows}")
-    return 8 + positions_nbytes(n_rows, count) + nbytes(inner_spec(spec), _inner_shape(shape, count))
+    return 8 + positions_nbytes(n_rows, count) + nbytes(inner_spec(spec), inner_shape(shape, count))
 
 
 def _nbytes(spec: CodeSpec, shape: tuple[int, ...]) -> int:
@@ -107,7 +109,7 @@ def _nbytes(spec: CodeSpec, shape: tuple[int, ...]) -> int:
 def _error(spec: CodeSpec, x: torch.Tensor, key: TensorKey) -> tuple[float, float]:
     """The inner code's exact error on the nonzero rows (zero rows are exact)."""
     idx, kept = _nonzero(x)
-    err = bias_variance(inner_spec(spec), kept.reshape(_inner_shape(tuple(x.shape), len(idx))), key)
+    err = bias_variance(inner_spec(spec), kept.reshape(inner_shape(tuple(x.shape), len(idx))), key)
     return err.bias_sq, err.variance
 
 

@@ -222,6 +222,10 @@ def _fixed_overhead(n_tasks: int, shapes: Mapping[str, tuple[int, ...]], n_atoms
     return manifest + atom_headers + matrices + coefficient_bytes(n_atoms, n_tasks)
 
 
+#: ``payload_parts`` probes codes on zeros (whole tensors for ``rows:...``): once per argument set.
+_cached_parts = lru_cache(maxsize=8192)(payload_parts)
+
+
 def _residual_header_bound(
     n_tasks: int, shapes: Mapping[str, tuple[int, ...]], residual_codes: Sequence[str], sparse: Collection[str] = ()
 ) -> int:
@@ -230,18 +234,14 @@ def _residual_header_bound(
     ``sparse``, which have some)."""
     parsed = [parse_code(c) for c in residual_codes]
     dense = [s for s in parsed if s.name != "rows"] or parsed
-    widest = max(dense, key=lambda s: len(payload_parts(s, (2, 2))))
-    widest_sparse = max(parsed, key=lambda s: len(payload_parts(s, (2, 2))))
+    widest = max(dense, key=lambda s: len(_cached_parts(s, (2, 2), None)))
+    widest_sparse = max(parsed, key=lambda s: len(_cached_parts(s, (2, 2), None)))
     specs = [
         TensorSpec(f"{n}/{p.name}", p.shape, p.dtype)
         for n, shape in shapes.items()
-        for p in payload_parts(widest_sparse if n in sparse else widest, shape)
+        for p in _cached_parts(widest_sparse if n in sparse else widest, tuple(shape), None)
     ]
     return n_tasks * _header_bytes(specs)
-
-
-#: ``payload_parts`` probes codes on zeros (whole tensors for ``rows:...``): once per argument set.
-_cached_parts = lru_cache(maxsize=8192)(payload_parts)
 
 
 def _residual_headers(
@@ -315,12 +315,12 @@ def plan_budget(
             return _worst_case(options, room, noise_weight)
         return _knapsack(options, room)
 
+    header_bound = _residual_header_bound(T, shapes, [str(s) for s in (*specs, *row_specs)], sparse)
     for m in atoms:
         if not 0 <= m <= T:
             raise TvbasisError(f"--atoms {m}: must be between 0 and T = {T}")
         encoder, decoder = _pca(gram, m) if m else (np.zeros((T, 0)), np.zeros((0, T)))
-        overhead = _fixed_overhead(T, shapes, m)
-        overhead += _residual_header_bound(T, shapes, [str(s) for s in (*specs, *row_specs)], sparse)
+        overhead = _fixed_overhead(T, shapes, m) + header_bound
         options = _tensor_options(
             names,
             shapes,
@@ -490,7 +490,13 @@ def _code_bytes(tensor: str, spec: CodeSpec, shape: tuple[int, ...], counts: np.
             f"tensor {tensor!r}: pricing code {spec} needs every task's count of nonzero rows; plan from a "
             f"store built with --tensor-stats by this version (from full fine-tunes, not only LoRA adapters)"
         )
-    return tensor_residual_nbytes(spec, shape, n_tasks, counts if spec.name == "rows" else None)
+    return _residual_bytes(spec, tuple(shape), n_tasks, tuple(counts.tolist()) if spec.name == "rows" else None)
+
+
+@lru_cache(maxsize=65536)
+def _residual_bytes(spec: CodeSpec, shape: tuple[int, ...], n_tasks: int, counts: tuple[int, ...] | None) -> int:
+    """``tensor_residual_nbytes``, once per code, shape and row counts (every global basis size asks again)."""
+    return tensor_residual_nbytes(spec, shape, n_tasks, None if counts is None else np.asarray(counts))
 
 
 def _worst_case(

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from tvbasis.codes import CodeSpec, TensorKey, code, decode, encode, nbytes, parse_code
+from tvbasis.codes import rows as rows_code
 from tvbasis.codes.core import Encoded, row_view_shape
 from tvbasis.errors import TvbasisError
 from tvbasis.io.checkpoint import Checkpoint, _safetensors_infos
@@ -154,6 +155,17 @@ def payload_parts(spec: CodeSpec, shape: tuple[int, ...], nonzero_rows: int | No
     """
     if spec.name == "none":
         return []
+    if spec.name == "rows":
+        # its own parts (count, positions) depend on the rows only, the inner code's on the block of
+        # nonzero rows: probed apart, which spares encoding a whole tensor of zeros
+        n_rows, _ = row_view_shape(tuple(shape))
+        probe = torch.zeros((n_rows, 1), dtype=torch.float32)
+        probe[: nonzero_rows or 0] = 1.0
+        own = encode(parse_code("rows:fp32"), probe).payload
+        inner = payload_parts(rows_code.inner_spec(spec), rows_code.inner_shape(tuple(shape), nonzero_rows or 0))
+        return [PayloadPart(k, tuple(own[k].shape), own[k].dtype, False) for k in rows_code.OWN_PARTS] + [
+            PayloadPart(p.name, p.shape, p.dtype, False) for p in inner
+        ]
     if whole_tensor(spec, shape):
         probe = torch.zeros(shape, dtype=torch.float32)
         if nonzero_rows and code(spec.name).sparse_nbytes is not None:
