@@ -48,6 +48,7 @@ from tvbasis.store.residuals import (
     check_atom_code,
     payload_parts,
     residual_header_bytes,
+    task_file_specs,
     tensor_residual_nbytes,
 )
 
@@ -236,12 +237,8 @@ def _residual_header_bound(
     dense = [s for s in parsed if s.name != "rows"] or parsed
     widest = max(dense, key=lambda s: len(_cached_parts(s, (2, 2), None)))
     widest_sparse = max(parsed, key=lambda s: len(_cached_parts(s, (2, 2), None)))
-    specs = [
-        TensorSpec(f"{n}/{p.name}", p.shape, p.dtype)
-        for n, shape in shapes.items()
-        for p in _cached_parts(widest_sparse if n in sparse else widest, tuple(shape), None)
-    ]
-    return n_tasks * _header_bytes(specs)
+    parts = {n: _cached_parts(widest_sparse if n in sparse else widest, tuple(s), None) for n, s in shapes.items()}
+    return n_tasks * _header_bytes(task_file_specs(parts))
 
 
 def _residual_headers(

@@ -149,15 +149,14 @@ def payload_parts(spec: CodeSpec, shape: tuple[int, ...], nonzero_rows: int | No
     """The payload tensors of one task's residual on a tensor of ``shape``, found by coding zeros.
 
     A row-local code on a 2+-D tensor is probed on two rows: parts with two rows scale with the
-    tensor's rows, the others (a seed) are whole. Other codes are probed on the whole shape; a
-    code whose parts depend on the count of nonzero rows (``rows:...``) on a probe with
-    ``nonzero_rows`` nonzero rows (none if not given).
+    tensor's rows, the others are whole. Other codes are probed on the whole shape, but
+    ``rows:...``, whose parts depend on the count of nonzero rows (``nonzero_rows``, none if not
+    given): its own parts on a one-column probe, its inner code's on the block of nonzero rows.
     """
     if spec.name == "none":
         return []
     if spec.name == "rows":
-        # its own parts (count, positions) depend on the rows only, the inner code's on the block of
-        # nonzero rows: probed apart, which spares encoding a whole tensor of zeros
+        # probed apart: spares encoding a whole tensor of zeros (30,522 x 384 for MiniLM's embeddings)
         n_rows, _ = row_view_shape(tuple(shape))
         probe = torch.zeros((n_rows, 1), dtype=torch.float32)
         probe[: nonzero_rows or 0] = 1.0
@@ -167,10 +166,7 @@ def payload_parts(spec: CodeSpec, shape: tuple[int, ...], nonzero_rows: int | No
             PayloadPart(p.name, p.shape, p.dtype, False) for p in inner
         ]
     if whole_tensor(spec, shape):
-        probe = torch.zeros(shape, dtype=torch.float32)
-        if nonzero_rows and code(spec.name).sparse_nbytes is not None:
-            probe.reshape(row_view_shape(tuple(shape)))[:nonzero_rows] = 1.0
-        enc = encode(spec, probe)
+        enc = encode(spec, torch.zeros(shape, dtype=torch.float32))
         return [PayloadPart(k, tuple(v.shape), v.dtype, False) for k, v in enc.payload.items()]
     probe = encode(spec, torch.zeros((2, *shape[1:]), dtype=torch.float32))
     parts = []
