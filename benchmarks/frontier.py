@@ -31,6 +31,7 @@ import torch
 
 from tvbasis.build import build_store
 from tvbasis.codes import parse_code
+from tvbasis.codes.keep import sr2_clip
 from tvbasis.evaluation import runner
 from tvbasis.evaluation.protocol import effect_retained, gain_retained
 from tvbasis.methods import make_method
@@ -73,9 +74,20 @@ UNLABELLED_NOISE_WEIGHT = 1 / 64
 #: Per-tensor atom codes the planner may use, for rows whose config names none (they were planned
 #: before int4 atoms existed); ``--tensor-atom-codes`` records others in the config and label.
 UNLABELLED_TENSOR_ATOM_CODES = ("int8",)
-#: Residual codes the planner may use, for rows whose config does not say ``sr2_codes`` (they
-#: were planned before ``keep:...:sr2`` existed); ``--sr2-codes`` plans with today's defaults.
-UNLABELLED_CODES = tuple(c for c in DEFAULT_CODES if ":sr2:" not in c)
+#: Residual codes the planner may use, for rows whose config names no sr2 clips (they were
+#: planned before ``keep:...:sr2`` existed); ``--sr2-clips`` adds the default sr2 codes with those
+#: clips (rows saying ``sr2_codes`` were planned with clip 2 only).
+UNLABELLED_CODES = tuple(c for c in DEFAULT_CODES if ":sr2" not in c)
+
+
+def planner_codes(cfg: dict[str, Any]) -> tuple[str, ...]:
+    """The residual codes a planned configuration was (or is to be) planned with."""
+    clips = cfg.get("sr2_clips", [2.0] if cfg.get("sr2_codes") else [])
+    return tuple(
+        c
+        for c in DEFAULT_CODES
+        if ":sr2" not in c or sr2_clip(parse_code(c.format(seed=0))) in [float(clip) for clip in clips]
+    )
 
 
 def configurations(
@@ -85,7 +97,7 @@ def configurations(
     noise_weight: float | None = None,
     tensor_atom_codes: tuple[str, ...] | None = None,
     row_codes: bool = False,
-    sr2_codes: bool = False,
+    sr2_clips: tuple[float, ...] = (),
 ) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     if "single" in kinds:
@@ -109,9 +121,12 @@ def configurations(
             if row_codes:
                 label += ", rows codes"
                 extra["row_codes"] = True
-            if sr2_codes:
+            if sr2_clips == (2.0,):  # the label and config such rows were first measured with
                 label += ", sr2 keep"
                 extra["sr2_codes"] = True
+            elif sr2_clips:
+                label += f", sr2 keep clips {'/'.join(f'{c:g}' for c in sr2_clips)}"
+                extra["sr2_clips"] = list(sr2_clips)
             for seed in seeds:
                 out.append({"label": label, "kind": "planned", "budget": budget, "seed": seed, **extra})
     return out
@@ -124,7 +139,12 @@ def add_planner_arguments(ap: argparse.ArgumentParser) -> None:
         "--tensor-atom-codes", nargs="+", default=None, help="codes the planner may give per-tensor atoms (int8 int4)"
     )
     ap.add_argument("--row-codes", action="store_true", help="let the planner use rows:... codes (labelled)")
-    ap.add_argument("--sr2-codes", action="store_true", help="let the planner use keep:...:sr2 codes (labelled)")
+    ap.add_argument(
+        "--sr2-codes", action="store_true", help="let the planner use keep:...:sr2 codes clipped at 2 RMS (labelled)"
+    )
+    ap.add_argument(
+        "--sr2-clips", nargs="+", type=float, default=None, help="sr2 clips the planner may use, e.g. 2 3 (labelled)"
+    )
 
 
 def configurations_of(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -137,7 +157,7 @@ def configurations_of(args: argparse.Namespace) -> list[dict[str, Any]]:
         args.noise_weight,
         atom_codes,
         args.row_codes,
-        args.sr2_codes,
+        tuple(args.sr2_clips) if args.sr2_clips else (2.0,) if args.sr2_codes else (),
     )
 
 
@@ -164,7 +184,7 @@ def build_config(cfg: dict[str, Any], base: Path, sources: list[TaskSource], pat
         noise_weight=cfg.get("noise_weight", UNLABELLED_NOISE_WEIGHT),
         tensor_atom_codes=tuple(cfg.get("tensor_atom_codes", UNLABELLED_TENSOR_ATOM_CODES)),
         row_codes=cfg.get("row_codes", False),
-        codes=DEFAULT_CODES if cfg.get("sr2_codes") else UNLABELLED_CODES,
+        codes=planner_codes(cfg),
     )
 
 

@@ -36,6 +36,8 @@ ALL_SPECS = [
     "keep:0.3:int2:seed=1",
     "keep:0.25:sr2:seed=2",
     "keep:1.0:sr2:seed=0",
+    "keep:0.25:sr2:clip=3:seed=2",
+    "keep:0.25:sr2:clip=2.75:seed=0",
     "topk:0.05",
     "topk:0.5",
     "lowrank:3",
@@ -240,7 +242,7 @@ def test_sr2_rounds_at_random_to_four_levels_without_bias_inside_its_clip() -> N
     x = _x((4, 64), 11)
     x[0, 0] = 10.0  # far beyond 2 x the row's RMS: clipped
     spec = parse_code("keep:1.0:sr2")
-    scale = keep_module.sr2_scale(keep_module.rows_of(x)).double()
+    scale = keep_module.sr2_scale(spec, keep_module.rows_of(x)).double()
     assert torch.allclose(scale, 2 * x.double().square().mean(dim=1).sqrt(), rtol=1e-2)
     n_seeds = 800
     samples = torch.stack([decode(encode(parse_code(f"keep:1.0:sr2:seed={s}"), x, KEY)) for s in range(n_seeds)])
@@ -280,6 +282,25 @@ def test_sr2_error_split_with_keep_and_its_advantage_over_int4() -> None:
     )
     sr2 = bias_variance(parse_code(f"keep:{24 / 256}:sr2"), big)
     assert sr2.bias_sq < int4.bias_sq and sr2.variance < 0.7 * int4.variance
+    # a wider clip: far less bias, more variance, still less than int4's at the same bytes
+    wide = bias_variance(parse_code(f"keep:{24 / 256}:sr2:clip=3"), big)
+    assert wide.bias_sq < 0.1 * sr2.bias_sq and sr2.variance < wide.variance < 0.9 * int4.variance
+
+
+def test_sr2_clip_sets_the_stored_scale_and_defaults_to_two() -> None:
+    x = _x((6, 40), 14)
+    rms = x.double().square().mean(dim=1).sqrt()
+    for text, clip in [("keep:0.5:sr2", 2.0), ("keep:0.5:sr2:clip=2", 2.0), ("keep:0.5:sr2:clip=3.5", 3.5)]:
+        spec = parse_code(text)
+        assert keep_module.sr2_clip(spec) == clip
+        scale = encode(spec, x, KEY).payload["kept"][:, :2].reshape(-1).clone().view(torch.bfloat16).double()
+        assert torch.allclose(scale, clip * rms, rtol=1e-2)
+    # the default is left out of the spec: specs written before the clip existed compare equal
+    assert parse_code("keep:0.5:sr2:clip=2") == parse_code("keep:0.5:sr2")
+    assert str(parse_code("keep:0.5:sr2:clip=3")) == "keep:0.5:sr2:clip=3:seed=0"
+    # same kept set and rounding stream: only the scale, so the levels, differ
+    narrow, wide = (decode(encode(parse_code(f"keep:0.5:sr2:{c}"), x, KEY)) for c in ("clip=2", "clip=3"))
+    assert torch.equal(narrow != 0, wide != 0)
 
 
 def test_deterministic_codes_error_is_all_bias() -> None:
@@ -323,6 +344,12 @@ def test_parse_defaults() -> None:
         "keep:0.5:int5",
         "keep:0.5:seed=-1",
         "keep:0.5:sr3",
+        "keep:0.5:sr2:clip=0",
+        "keep:0.5:sr2:clip=-1",
+        "keep:0.5:sr2:clip=nan",
+        "keep:0.5:sr2:clip=inf",
+        "keep:0.5:sr2:clip=wide",
+        "keep:0.5:int4:clip=3",
         "topk",
         "topk:0",
         "topk:0.1:0.2",

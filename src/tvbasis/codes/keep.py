@@ -1,4 +1,4 @@
-"""``keep:P[:intN|:sr2][:seed=S]``: seeded random keep-and-rescale of coded values, no index bytes.
+"""``keep:P[:intN|:sr2[:clip=C]][:seed=S]``: seeded random keep-and-rescale of coded values, no index bytes.
 
 Exactly ``k = round(P * row_numel)`` (at least 1) entries of every row are kept, a uniformly
 random subset drawn from (seed, tensor name, task, row); decoding puts their coded values back at
@@ -9,11 +9,13 @@ store keeps anyway). Kept values are coded as:
 - ``int8``/``int4``/``int2`` (``tvbasis.codes.uniform``): the row is quantized whole, with one
   float32 scale per row from the *whole* row, and the kept codes are stored. The expectation over
   the seed is the quantized tensor ``Q(x)``: unbiased up to quantization.
-- ``sr2``: each kept value is clipped to ``[-a, a]``, ``a = SR2_CLIP * RMS(row)`` (one bfloat16
-  per row), and rounded *at random* to one of the levels ``-a, -a/3, a/3, a``, up with
-  probability equal to its distance above the level below, in steps. The expectation is the
-  clipped tensor (on Gaussian rows 1.2% of the energy is clipped, less than ``int4`` rounds off),
-  and per byte it has about 40% less variance than ``int4``: unbiased error is the cheap kind.
+- ``sr2``: each kept value is clipped to ``[-a, a]``, ``a = C * RMS(row)`` (``C = clip``, default
+  ``SR2_CLIP``; ``a`` stored as one bfloat16 per row), and rounded *at random* to one of the levels
+  ``-a, -a/3, a/3, a``, up with probability equal to its distance above the level below, in
+  steps. The expectation is the clipped tensor (on Gaussian rows 1.2% of the energy is clipped at
+  C = 2, 0.04% at C = 3), and per byte it has about 40% (C = 2) or 18% (C = 3) less variance than
+  ``int4``: unbiased error is the cheap kind. A wider clip trades variance for less bias, which
+  pays where the budget leaves little variance (the planner tries both).
 
 Every entry is kept with probability ``p = k / row_numel`` exactly, so an entry whose coded
 value is ``c`` decodes with variance ``E[c^2] / p - (E c)^2``; ``keep_error`` gives the bias and
@@ -57,7 +59,7 @@ KEEP_BLOCK = 1 << 16
 #: Separates this code's random streams from other seeded ones (DARE, random bases) with the same seed.
 _STREAM = zlib.crc32(b"tvbasis.codes.keep")
 _ROUND_STREAM = zlib.crc32(b"tvbasis.codes.keep.round")
-#: The value word of stochastic 2-bit rounding, and where it clips: this many times the row's RMS.
+#: The value word of stochastic 2-bit rounding, and where it clips by default: this many times the row's RMS.
 SR2 = "sr2"
 SR2_CLIP = 2.0
 #: sr2's levels in units of its scale ``a``: -a, -a/3, a/3, a (codes 0..3).
@@ -102,11 +104,16 @@ def is_stochastic(spec: CodeSpec) -> bool:
     return dict(spec.params).get("round") == "stochastic"
 
 
+def sr2_clip(spec: CodeSpec) -> float:
+    """Where sr2 clips, in multiples of the row's RMS (specs at the default do not carry it)."""
+    return float(dict(spec.params).get("clip", SR2_CLIP))
+
+
 def _parse(head: str, args: list[str], text: str) -> CodeSpec:
     if not args:
         raise TvbasisError(f"code {text!r}: give the share to keep, e.g. keep:0.0625:int4:seed=0")
     p = fraction_arg(args[0], "keep share", text)
-    bits, seed, stochastic = 8, 0, False
+    bits, seed, stochastic, clip = 8, 0, False, SR2_CLIP
     for word in args[1:]:
         if word in UNIFORM_BITS:
             bits, stochastic = UNIFORM_BITS[word], False
@@ -117,24 +124,43 @@ def _parse(head: str, args: list[str], text: str) -> CodeSpec:
             if not value.isdigit():
                 raise TvbasisError(f"code {text!r}: seed {value!r} must be a whole number 0 or more")
             seed = int(value)
+        elif word.startswith("clip="):
+            clip = _clip_arg(word.removeprefix("clip="), text)
         else:
-            raise TvbasisError(
-                f"code {text!r}: unknown parameter {word!r}; expected {', '.join(UNIFORM_BITS)}, {SR2} or seed=S"
-            )
+            expected = f"{', '.join(UNIFORM_BITS)}, {SR2}, clip=C or seed=S"
+            raise TvbasisError(f"code {text!r}: unknown parameter {word!r}; expected {expected}")
+    if clip != SR2_CLIP and not stochastic:
+        raise TvbasisError(f"code {text!r}: clip=C sets where {SR2} clips; intN values are not clipped")
+    # the default clip is left out of the spec, so specs (and stores) from before it existed compare equal
+    clipping = (("clip", clip),) if clip != SR2_CLIP else ()
     rounding = (("round", "stochastic"),) if stochastic else ()
-    return CodeSpec(head, (("bits", bits), ("p", p), *rounding, ("seed", seed)))
+    return CodeSpec(head, (("bits", bits), *clipping, ("p", p), *rounding, ("seed", seed)))
+
+
+def _clip_arg(value: str, text: str) -> float:
+    try:
+        clip = float(value)
+    except ValueError:
+        clip = float("nan")
+    if not (0 < clip <= 64):  # also refuses nan and inf
+        raise TvbasisError(f"code {text!r}: clip {value!r} must be a number of row RMS above 0 and at most 64")
+    return clip
 
 
 def _format(spec: CodeSpec) -> str:
     p, bits, seed = _params(spec)
-    return f"keep:{p!r}:{SR2 if is_stochastic(spec) else f'int{bits}'}:seed={seed}"
+    if not is_stochastic(spec):
+        return f"keep:{p!r}:int{bits}:seed={seed}"
+    clip = sr2_clip(spec)
+    word = "" if clip == SR2_CLIP else f":clip={int(clip) if clip.is_integer() else clip!r}"
+    return f"keep:{p!r}:{SR2}{word}:seed={seed}"
 
 
-def sr2_scale(rows: torch.Tensor) -> torch.Tensor:
-    """sr2's per-row clip ``a = SR2_CLIP * RMS(row)`` as stored (bfloat16: the range of float32 in 2 bytes)."""
+def sr2_scale(spec: CodeSpec, rows: torch.Tensor) -> torch.Tensor:
+    """sr2's per-row clip ``a = clip * RMS(row)`` as stored (bfloat16: the range of float32 in 2 bytes)."""
     x = rows.to(torch.float64)
     rms = x.square().mean(dim=1).sqrt() if x.shape[1] else torch.zeros(x.shape[0], dtype=torch.float64)
-    return (SR2_CLIP * rms).to(torch.bfloat16)
+    return (sr2_clip(spec) * rms).to(torch.bfloat16)
 
 
 def _sr2_levels(values: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -159,7 +185,7 @@ def _encode(spec: CodeSpec, x: torch.Tensor, key: TensorKey) -> Mapping[str, tor
     if not is_stochastic(spec):
         q, scale = quantize(rows, bits)
         return {"codes": pack_signed(q.gather(1, pos), bits), "scale": scale}
-    scale = sr2_scale(rows)
+    scale = sr2_scale(spec, rows)
     _, below, t = _sr2_levels(rows.gather(1, pos), scale)
     if n_rows and k:
         blocks = _uniform_blocks(_stream_keys(seed, key, _ROUND_STREAM), key.row, key.row + n_rows, n, k)
@@ -202,7 +228,7 @@ def _moments(spec: CodeSpec, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     if not is_stochastic(spec):
         q = dequantize_rows(*quantize(rows, bits))
         return q, q.square()
-    scale = sr2_scale(rows)
+    scale = sr2_scale(spec, rows)
     clipped, below, t = _sr2_levels(rows, scale)
     return clipped, (1 - t) * _sr2_value(below, scale).square() + t * _sr2_value(below + 1, scale).square()
 

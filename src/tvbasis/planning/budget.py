@@ -52,6 +52,8 @@ from tvbasis.store.residuals import (
     tensor_residual_nbytes,
 )
 
+#: Keep shares the planner tries with ``sr2`` values.
+SR2_SHARES = (0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625)
 #: Residual codes the planner tries on every tensor; ``{seed}`` is the build's seed.
 DEFAULT_CODES: tuple[str, ...] = (
     "none",
@@ -64,12 +66,9 @@ DEFAULT_CODES: tuple[str, ...] = (
     "keep:0.125:int4:seed={seed}",
     "keep:0.0625:int4:seed={seed}",
     "keep:0.03125:int4:seed={seed}",
-    "keep:0.5:sr2:seed={seed}",
-    "keep:0.25:sr2:seed={seed}",
-    "keep:0.125:sr2:seed={seed}",
-    "keep:0.0625:sr2:seed={seed}",
-    "keep:0.03125:sr2:seed={seed}",
-    "keep:0.015625:sr2:seed={seed}",
+    # stochastic 2-bit values clipped at 2 row RMS (less variance) and at 3 (less bias): the first
+    # wins where the budget leaves much variance, the second where it leaves little
+    *(f"keep:{p}:sr2{clip}:seed={{seed}}" for clip in ("", ":clip=3") for p in SR2_SHARES),
     "keep:0.0125:int8:seed={seed}",
     "keep:0.00625:int8:seed={seed}",
     "keep:0.003:int8:seed={seed}",
