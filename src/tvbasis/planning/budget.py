@@ -580,7 +580,7 @@ def _solve(loss: np.ndarray, size: np.ndarray, budget: int) -> np.ndarray | None
                 else:
                     hi = mid
             idx = pick(hi)
-    return _fill(idx, loss, size, budget)
+    return _exchange(_fill(idx, loss, size, budget), loss, size, budget)
 
 
 def _fill(idx: np.ndarray, loss: np.ndarray, size: np.ndarray, budget: int) -> np.ndarray:
@@ -598,6 +598,53 @@ def _fill(idx: np.ndarray, loss: np.ndarray, size: np.ndarray, budget: int) -> n
         i, j = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
         left -= extra[i, j]
         idx[i] = j
+
+
+def _exchange(idx: np.ndarray, loss: np.ndarray, size: np.ndarray, budget: int, rounds: int = 64) -> np.ndarray:
+    """Trade bytes between two tensors where the greedy fill cannot: one steps down a candidate so
+    another can step up, when that lowers the summed loss (then fill again).
+
+    The multiplier's plan and single upgrades leave bytes unspent where candidate sizes are coarse;
+    each round applies the best such pair (vectorised: upgrades sorted by cost, a running best
+    saving per cost, one search per downgrade).
+    """
+    rows = np.arange(len(idx))
+    finite = np.isfinite(loss)
+    for _ in range(rounds):
+        current_loss, current_size = loss[rows, idx], size[rows, idx]
+        left = budget - float(current_size.sum())
+        d_loss, d_size = loss - current_loss[:, None], size - current_size[:, None]
+        ui, uj = np.nonzero(finite & (d_size > 0) & (d_loss < 0))
+        di, dj = np.nonzero(finite & (d_size < 0))
+        if not len(ui) or not len(di):
+            break
+        order = np.argsort(d_size[ui, uj], kind="stable")
+        ui, uj = ui[order], uj[order]
+        cost, saving = d_size[ui, uj], -d_loss[ui, uj]
+        best_so_far = np.maximum.accumulate(saving)
+        # where the running best was reached last: its tensor may be the downgraded one (checked below)
+        best_at = np.maximum.accumulate(np.where(saving >= best_so_far, np.arange(len(saving)), 0))
+        reach = np.searchsorted(cost, left - d_size[di, dj], side="right") - 1
+        bound = np.where(reach >= 0, best_so_far[np.maximum(reach, 0)], 0.0) - d_loss[di, dj]
+        found, found_gain = None, 1e-12 * max(float(np.abs(current_loss).sum()), 1e-30)
+        for d in np.argsort(-bound, kind="stable"):
+            if bound[d] <= found_gain or reach[d] < 0:
+                break
+            u = best_at[reach[d]]
+            if ui[u] == di[d]:  # the best upgrade within reach is on the same tensor: look past it
+                within = np.flatnonzero(ui[: reach[d] + 1] != di[d])
+                if not len(within):
+                    continue
+                u = within[np.argmax(saving[within])]
+            gain = saving[u] - d_loss[di[d], dj[d]]
+            if gain > found_gain:
+                found, found_gain = (di[d], dj[d], ui[u], uj[u]), gain
+        if found is None:
+            break
+        idx = idx.copy()
+        idx[found[0]], idx[found[2]] = found[1], found[3]
+        idx = _fill(idx, loss, size, budget)
+    return idx
 
 
 def stats_from_store(
