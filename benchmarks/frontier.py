@@ -193,6 +193,7 @@ def ensure_stats_store(plan_store: Path, base: Path, sources: list[TaskSource]) 
     or older than the row counts."""
     if (plan_store / "tvbasis.json").exists() and open_store(plan_store).tensor_nonzero_rows is not None:
         return
+    plan_store.parent.mkdir(parents=True, exist_ok=True)
     build_store(base, sources, make_method("pca", 1), plan_store, overwrite=True, tensor_stats=True)
 
 
