@@ -429,6 +429,16 @@ def _tensor_options(
     relative error of the energy the basis captures to the residual (the atoms are orthogonal, so
     each task gets its share ``sum_j lambda_j B_tj^2``, which is what it has captured)."""
     own_energy = {} if own_energy is None else own_energy
+    # one TensorCode per kind of candidate, shared by every tensor (keyed by the specs' identities:
+    # the same objects throughout, and cheaper to hash than the specs)
+    kinds: dict[tuple[bool, int, int, int], TensorCode] = {}
+
+    def tensor_code(basis: bool, spec: CodeSpec, own: int, atom_code: CodeSpec) -> TensorCode:
+        key = (basis, own, id(atom_code), id(spec))
+        if key not in kinds:
+            kinds[key] = TensorCode(basis, spec, own, atom_code) if own else TensorCode(basis, spec)
+        return kinds[key]
+
     options = []
     for n in names:
         shape = tuple(shapes[n])
@@ -463,8 +473,9 @@ def _tensor_options(
             for k, spec in enumerate(tensor_specs):
                 if spec.name == "rows" and (basis or own):
                     continue  # a basis' residual is nonzero wherever any task is
-                tc = TensorCode(basis, spec, own, atom_code) if own else TensorCode(basis, spec)
-                choice = Choice(n, tc, basis_bytes + code_bytes[k], bias[k], var[k])
+                choice = Choice(
+                    n, tensor_code(basis, spec, own, atom_code), basis_bytes + code_bytes[k], bias[k], var[k]
+                )
                 per_tensor.append((float(losses[k]), choice))
         options.append(per_tensor)
     return options
