@@ -77,17 +77,20 @@ UNLABELLED_TENSOR_ATOM_CODES = ("int8",)
 #: Residual codes the planner may use, for rows whose config names no sr2 clips (they were
 #: planned before ``keep:...:sr2`` existed); ``--sr2-clips`` adds the default sr2 codes with those
 #: clips (rows saying ``sr2_codes`` were planned with clip 2 only).
-UNLABELLED_CODES = tuple(c for c in DEFAULT_CODES if ":sr2" not in c)
+#: ``rsign:...`` codes likewise only where the config says ``rsign``.
+UNLABELLED_CODES = tuple(c for c in DEFAULT_CODES if ":sr2" not in c and not c.startswith("rsign:"))
 
 
 def planner_codes(cfg: dict[str, Any]) -> tuple[str, ...]:
     """The residual codes a planned configuration was (or is to be) planned with."""
-    clips = cfg.get("sr2_clips", [2.0] if cfg.get("sr2_codes") else [])
-    return tuple(
-        c
-        for c in DEFAULT_CODES
-        if ":sr2" not in c or sr2_clip(parse_code(c.format(seed=0))) in [float(clip) for clip in clips]
-    )
+    clips = [float(clip) for clip in cfg.get("sr2_clips", [2.0] if cfg.get("sr2_codes") else [])]
+
+    def allowed(c: str) -> bool:
+        if c.startswith("rsign:"):
+            return bool(cfg.get("rsign"))
+        return ":sr2" not in c or sr2_clip(parse_code(c.format(seed=0))) in clips
+
+    return tuple(c for c in DEFAULT_CODES if allowed(c))
 
 
 def configurations(
@@ -98,6 +101,7 @@ def configurations(
     tensor_atom_codes: tuple[str, ...] | None = None,
     row_codes: bool = False,
     sr2_clips: tuple[float, ...] = (),
+    rsign: bool = False,
 ) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     if "single" in kinds:
@@ -127,6 +131,9 @@ def configurations(
             elif sr2_clips:
                 label += f", sr2 keep clips {'/'.join(f'{c:g}' for c in sr2_clips)}"
                 extra["sr2_clips"] = list(sr2_clips)
+            if rsign:
+                label += ", rsign"
+                extra["rsign"] = True
             for seed in seeds:
                 out.append({"label": label, "kind": "planned", "budget": budget, "seed": seed, **extra})
     return out
@@ -145,6 +152,7 @@ def add_planner_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--sr2-clips", nargs="+", type=float, default=None, help="sr2 clips the planner may use, e.g. 2 3 (labelled)"
     )
+    ap.add_argument("--rsign", action="store_true", help="let the planner use rsign:... codes (labelled)")
 
 
 def configurations_of(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -158,6 +166,7 @@ def configurations_of(args: argparse.Namespace) -> list[dict[str, Any]]:
         atom_codes,
         args.row_codes,
         tuple(args.sr2_clips) if args.sr2_clips else (2.0,) if args.sr2_codes else (),
+        args.rsign,
     )
 
 

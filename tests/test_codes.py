@@ -20,6 +20,7 @@ from tvbasis.codes import (
     registry,
 )
 from tvbasis.codes import keep as keep_module
+from tvbasis.codes import rsign as rsign_module
 from tvbasis.codes.lloydmax import LEVEL_INNER, LEVEL_OUTER, THRESHOLD
 from tvbasis.codes.packing import pack_rows, unpack_rows
 from tvbasis.errors import TvbasisError
@@ -38,6 +39,9 @@ ALL_SPECS = [
     "keep:1.0:sr2:seed=0",
     "keep:0.25:sr2:clip=3:seed=2",
     "keep:0.25:sr2:clip=2.75:seed=0",
+    "rsign:0.25:seed=1",
+    "rsign:1.0:seed=0",
+    "rsign:0.05:seed=3",
     "topk:0.05",
     "topk:0.5",
     "lowrank:3",
@@ -75,6 +79,9 @@ def test_nbytes_from_shape_equals_payload(text: str) -> None:
         ("sign", (2, 33), 2 * 5 + 4 * 2),
         ("keep:0.25:int4:seed=0", (6, 10), 6 * 2 + 4 * 6),  # k = round(2.5) = 3 -> 2 bytes; the seed is the spec's
         ("keep:0.5:sr2:seed=0", (6, 10), 6 * (2 + 2)),  # bfloat16 scale, then 5 crumbs -> 2 bytes
+        ("rsign:0.25:seed=0", (2, 100), 2 * (2 + 4)),  # bfloat16 scale, then 25 sign bits -> 4 bytes
+        ("rsign:0.01:seed=0", (3, 100), 3 * (2 + 1)),  # at least MIN_KEPT = 8 signs a row
+        ("rsign:0.1:seed=0", (3, 5), 3 * (2 + 1)),  # a row shorter than MIN_KEPT is kept whole
         ("topk:0.05", (10, 100), 2 * 50 + 50 * 2),  # 50 two-byte indices (100) < 125-byte bitmap
         ("topk:0.5", (10, 100), 2 * 500 + 125),  # bitmap
         ("lowrank:3", (6, 10), (6 + 10) * 3 * 2),
@@ -303,6 +310,99 @@ def test_sr2_clip_sets_the_stored_scale_and_defaults_to_two() -> None:
     assert torch.equal(narrow != 0, wide != 0)
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 100, 384])
+def test_rsign_rotation_is_orthogonal_and_inverted(n: int) -> None:
+    x = _x((4, n), 15).double()
+    r = rsign_module.rotation(7, KEY, 4, n)
+    y = rsign_module.rotate(x, r)
+    assert torch.allclose(y.norm(dim=1), x.norm(dim=1))
+    assert torch.allclose(rsign_module.unrotate(y, r), x)
+    # rows get their own rotations
+    if n > 2:
+        assert not torch.equal(r.permutation[0], r.permutation[1]) or not torch.equal(r.signs[0, 0], r.signs[0, 1])
+
+
+def _structured(rows: int, n: int, seed: int) -> torch.Tensor:
+    """Rows with a block of large entries and a trend: not Gaussian, the case a plain Hadamard
+    transform of a length that is not a power of two gets wrong."""
+    x = _x((rows, n), seed).double() * torch.linspace(0.2, 3.0, n, dtype=torch.float64)
+    x[:, : n // 4] *= 4
+    return x
+
+
+def test_rsign_projection_is_exact_and_it_is_unbiased_with_the_variance_it_states() -> None:
+    x = _structured(3, 100, 16)
+    x[1] = 0.0  # a zero row decodes to zero
+    n_seeds = 2000
+    spec = parse_code("rsign:0.1")
+    samples = torch.stack([decode(encode(parse_code(f"rsign:0.1:seed={s}"), x, KEY)) for s in range(n_seeds)])
+    assert torch.equal(samples[:, 1], torch.zeros_like(samples[:, 1]))
+    # <x_hat, x> = ||x||^2 on every row and seed, up to the bfloat16 scale
+    energy = x.square().sum(dim=1)
+    projection = (samples * x).sum(dim=2)[:, [0, 2]] / energy[[0, 2]]
+    assert torch.all((projection - 1).abs() < 2**-8)
+    err = bias_variance(spec, x, KEY)
+    assert err.bias_sq == 0.0
+    k = rsign_module.kept_count(0.1, 100)
+    assert k == 10
+    assert err.variance == pytest.approx(rsign_module.variance_factor(100, k) * x.square().sum().item())
+    empirical = (samples - x).square().sum(dim=(1, 2)).mean().item()
+    assert empirical == pytest.approx(err.variance, rel=0.05)
+    # the mean over seeds approaches x: what is left is the mean's own noise (variance / seeds)
+    mean_error = (samples.mean(dim=0) - x).square().sum().item()
+    assert mean_error < 1.5 * err.variance / n_seeds
+    assert code("rsign").unbiased
+
+
+def test_rsign_variance_factor_on_the_sphere() -> None:
+    assert rsign_module.variance_factor(1, 1) == 0.0  # one entry: coded exactly
+    # many kept coordinates: pi n / 2k - 1, with the 1.71 / k correction of the scale's noise
+    for n, k in [(4096, 512), (384, 48), (1536, 96)]:
+        approx = math.pi * n / (2 * k) * (1 + (math.pi / 2 - 1) * 3 / k) - 1
+        assert rsign_module.variance_factor(n, k) == pytest.approx(approx, rel=0.02)
+    # every coordinate kept: DRIVE's pi / 2 - 1 as the row grows
+    assert rsign_module.variance_factor(4096, 4096) == pytest.approx(math.pi / 2 - 1, rel=0.02)
+    assert rsign_module.variance_factor(384, 48) == rsign_module.variance_factor(384, 48)  # fixed draws
+
+
+def test_rsign_single_entry_and_short_rows() -> None:
+    x = torch.tensor([[3.0], [-2.0]])
+    y = decode(encode(parse_code("rsign:0.5"), x, KEY))
+    assert torch.allclose(y, x.double(), rtol=2**-8)
+    assert rsign_module.kept_count(0.01, 5) == 5 and rsign_module.kept_count(0.001, 1000) == 8
+
+
+def test_rsign_is_chunk_invariant(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = _x((11, 24), 17)
+    spec = parse_code("rsign:0.5:seed=5")
+    for block in (keep_module.KEEP_BLOCK, 48, 24):  # 48: two rows per random block; 24: one
+        monkeypatch.setattr(keep_module, "KEEP_BLOCK", block)
+        whole = encode(spec, x, KEY)
+        for cuts in ([1], [3, 4, 9], list(range(1, 11))):
+            y, payload = _keep_chunks(spec, x, cuts)
+            assert torch.equal(y, decode(whole))
+            assert all(torch.equal(payload[k], whole.payload[k]) for k in whole.payload)
+    base = decode(encode(spec, x, KEY))
+    for other in (
+        encode(parse_code("rsign:0.5:seed=6"), x, KEY),
+        encode(spec, x, TensorKey(KEY.tensor, "task_b", 0)),
+        encode(spec, x, TensorKey("layer.1.weight", KEY.task, 0)),
+    ):
+        assert not torch.allclose(decode(other), base)
+
+
+def test_rsign_has_less_variance_than_sr2_at_the_same_bytes() -> None:
+    big = _x((64, 256), 18)
+    sr2, rs = parse_code(f"keep:{24 / 256}:sr2"), parse_code(f"rsign:{48 / 256}")
+    assert nbytes(sr2, big.shape) == nbytes(rs, big.shape)  # 2 + 6 bytes a row each
+    sr2_err, rs_err = bias_variance(sr2, big), bias_variance(rs, big)
+    assert rs_err.bias_sq == 0 < sr2_err.bias_sq
+    assert rs_err.variance < 0.7 * sr2_err.variance
+    # and what it states is what it does, on these rows with one seed
+    realised = (decode(encode(rs, big)) - big.double()).square().sum().item()
+    assert realised == pytest.approx(rs_err.variance, rel=0.1)
+
+
 def test_deterministic_codes_error_is_all_bias() -> None:
     x = _x((5, 7), 10)
     for text in ("int4", "sign", "topk:0.2", "lowrank:2", "none"):
@@ -328,7 +428,10 @@ def test_parse_defaults() -> None:
     assert parse_code("keep:0.5:sr2") != parse_code("keep:0.5:int2")
     assert str(parse_code("lowrank:8")) == "lowrank:8:fp16"
     assert str(parse_code(" topk:0.05 ")) == "topk:0.05"
-    assert {"int8", "int4", "int2", "lloydmax2", "sign", "keep", "topk", "lowrank", "none", "fp32"} <= set(registry())
+    assert str(parse_code("rsign:0.125")) == "rsign:0.125:seed=0"
+    assert {"int8", "int4", "int2", "lloydmax2", "sign", "keep", "rsign", "topk", "lowrank", "none", "fp32"} <= set(
+        registry()
+    )
 
 
 @pytest.mark.parametrize(
@@ -350,6 +453,11 @@ def test_parse_defaults() -> None:
         "keep:0.5:sr2:clip=inf",
         "keep:0.5:sr2:clip=wide",
         "keep:0.5:int4:clip=3",
+        "rsign",
+        "rsign:0",
+        "rsign:1.5",
+        "rsign:0.5:int4",
+        "rsign:0.5:seed=x",
         "topk",
         "topk:0",
         "topk:0.1:0.2",

@@ -90,7 +90,7 @@ def test_reported_errors_are_the_stores_own(family, tmp_path: Path) -> None:
         np.testing.assert_allclose([t["cosine"] for t in store.manifest["tasks"]], cos, rtol=1e-9)
 
 
-@pytest.mark.parametrize("text", ["keep:0.3:int4:seed=5", "keep:0.3:sr2:seed=5"])
+@pytest.mark.parametrize("text", ["keep:0.3:int4:seed=5", "keep:0.3:sr2:seed=5", "rsign:0.3:seed=5"])
 def test_residual_codes_match_the_codes_library(family, tmp_path: Path, text: str) -> None:
     """What the store decodes is exactly codes.decode(codes.encode(tau - S W)) of each whole tensor."""
     spec = parse_code(text)
@@ -114,7 +114,7 @@ def test_residual_codes_match_the_codes_library(family, tmp_path: Path, text: st
 
 
 def test_chunk_size_changes_nothing(family, tmp_path: Path) -> None:
-    plans = ["keep:0.25:int2:seed=0", "keep:0.25:sr2:seed=4", "topk:0.1"]
+    plans = ["keep:0.25:int2:seed=0", "keep:0.25:sr2:seed=4", "rsign:0.5:seed=2", "topk:0.1"]
     for spec in plans:
         a = build(family, tmp_path, 1, spec, f"a-{spec}", chunk_elements=7)
         b = build(family, tmp_path, 1, spec, f"b-{spec}", chunk_elements=1 << 20)
@@ -156,6 +156,7 @@ def test_bytes_are_counted(family, tmp_path: Path) -> None:
     assert {p.name: p.per_row for p in parts} == {"codes": True, "scale": True}  # the seed is the spec's
     # sr2 keeps each row's scale with its codes: one part, so one header entry per tensor and task
     assert payload_parts(parse_code("keep:0.5:sr2"), (19, 8)) == [PayloadPart("kept", (19, 3), torch.uint8, True)]
+    assert payload_parts(parse_code("rsign:0.5"), (19, 8)) == [PayloadPart("kept", (19, 3), torch.uint8, True)]
 
 
 def test_stores_whose_keep_payloads_hold_their_seed_still_decode(family, tmp_path: Path) -> None:

@@ -50,7 +50,18 @@ def with_zero_rows(shape: tuple[int, ...], zero_every: int = 3, seed: int = 0) -
 
 
 @pytest.mark.parametrize(
-    "inner", ["int8", "int4", "keep:0.25:int4:seed=2", "keep:0.5:sr2:seed=1", "topk:0.2", "lowrank:2", "fp16", "sign"]
+    "inner",
+    [
+        "int8",
+        "int4",
+        "keep:0.25:int4:seed=2",
+        "keep:0.5:sr2:seed=1",
+        "rsign:0.5:seed=1",
+        "topk:0.2",
+        "lowrank:2",
+        "fp16",
+        "sign",
+    ],
 )
 @pytest.mark.parametrize("shape", [(40, 12), (9, 3, 4), (4, 16)])
 def test_zero_rows_stay_zero_and_the_rest_is_the_inner_code(inner: str, shape: tuple[int, ...]) -> None:
@@ -327,7 +338,9 @@ def test_cli_plans_and_builds_with_or_without_rows_codes(sparse, tmp_path: Path)
     assert not any(v["residual"].startswith("rows:") for v in tensors.values())
 
 
-@pytest.mark.parametrize("inner", ["keep:0.0625:sr2:seed=0", "int4", "topk:0.2", "lowrank:2", "keep:0.5:int4", "fp16"])
+@pytest.mark.parametrize(
+    "inner", ["keep:0.0625:sr2:seed=0", "rsign:0.25:seed=0", "int4", "topk:0.2", "lowrank:2", "keep:0.5:int4", "fp16"]
+)
 def test_payload_parts_of_rows_codes_are_those_they_encode(inner: str) -> None:
     """The store lays out a rows code's parts without encoding the whole tensor: the same parts."""
     spec = parse_code(f"rows:{inner}")

@@ -35,7 +35,7 @@ then its packed codes; part ``kept``), so a store gives it one entry per tensor 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -49,7 +49,14 @@ from tvbasis.codes.core import (
     row_view_shape,
     rows_of,
 )
-from tvbasis.codes.packing import pack_rows, packed_row_bytes, unpack_rows
+from tvbasis.codes.packing import (
+    ROW_SCALE_BYTES,
+    pack_rows,
+    packed_row_bytes,
+    split_row_scales,
+    unpack_rows,
+    with_row_scales,
+)
 from tvbasis.codes.uniform import UNIFORM_BITS, pack_signed, quantize, unpack_signed, values_nbytes
 from tvbasis.errors import TvbasisError
 from tvbasis.store.quantize import dequantize_rows
@@ -59,16 +66,20 @@ KEEP_BLOCK = 1 << 16
 #: Separates this code's random streams from other seeded ones (DARE, random bases) with the same seed.
 _STREAM = zlib.crc32(b"tvbasis.codes.keep")
 _ROUND_STREAM = zlib.crc32(b"tvbasis.codes.keep.round")
+#: ``(generator, shape) -> numbers``, drawn in row-major order (so a prefix of rows draws the same).
+Draw = Callable[[np.random.Generator, tuple[int, int]], np.ndarray]
 #: The value word of stochastic 2-bit rounding, and where it clips by default: this many times the row's RMS.
 SR2 = "sr2"
 SR2_CLIP = 2.0
 #: sr2's levels in units of its scale ``a``: -a, -a/3, a/3, a (codes 0..3).
 _SR2_STEP = 2.0 / 3.0
-_SR2_SCALE_BYTES = 2
 
 
-def _uniform_blocks(keys: list[int], start: int, stop: int, n: int, cols: int) -> Iterator[np.ndarray]:
-    """Uniforms ``(rows, cols)`` for rows ``start:stop`` of a tensor with rows of ``n``, block by block.
+def uniform_blocks(
+    keys: list[int], start: int, stop: int, n: int, cols: int, draw: Draw | None = None
+) -> Iterator[np.ndarray]:
+    """Uniforms ``(rows, cols)`` for rows ``start:stop`` of a tensor with rows of ``n``, block by block
+    (or what ``draw(rng, shape)`` draws instead, e.g. random bytes).
 
     Each block of ``max(1, KEEP_BLOCK // n)`` whole rows has its own generator and a row's numbers
     depend only on its index, so any row range (chunk) gets the same numbers.
@@ -79,18 +90,19 @@ def _uniform_blocks(keys: list[int], start: int, stop: int, n: int, cols: int) -
         first = block * per_block
         lo, hi = max(start, first) - first, min(stop, first + per_block) - first
         # drawing only up to row ``hi`` gives the same numbers as drawing the whole block
-        yield rng.random((hi, cols))[lo:]
+        yield (draw(rng, (hi, cols)) if draw else rng.random((hi, cols)))[lo:]
 
 
-def _stream_keys(seed: int, key: TensorKey, stream: int) -> list[int]:
+def stream_keys(seed: int, key: TensorKey, stream: int) -> list[int]:
     return [seed, zlib.crc32(key.tensor.encode("utf-8")), zlib.crc32(key.task.encode("utf-8")), stream]
 
 
-def keep_positions(seed: int, key: TensorKey, rows: int, n: int, k: int) -> torch.Tensor:
-    """Sorted column indices ``(rows, k)`` kept in rows ``key.row : key.row + rows`` of a tensor with rows of ``n``."""
+def keep_positions(seed: int, key: TensorKey, rows: int, n: int, k: int, stream: int = _STREAM) -> torch.Tensor:
+    """Sorted column indices ``(rows, k)`` kept in rows ``key.row : key.row + rows`` of a tensor with
+    rows of ``n`` (another code passes its own ``stream``, so its subsets are not this code's)."""
     if k >= n or rows == 0:
         return torch.arange(k, dtype=torch.int64).expand(rows, k).clone()
-    blocks = _uniform_blocks(_stream_keys(seed, key, _STREAM), key.row, key.row + rows, n, n)
+    blocks = uniform_blocks(stream_keys(seed, key, stream), key.row, key.row + rows, n, n)
     parts = [np.sort(np.argpartition(u, k - 1, axis=1)[:, :k], axis=1) for u in blocks]
     return torch.from_numpy(np.concatenate(parts) if len(parts) > 1 else parts[0])
 
@@ -188,9 +200,9 @@ def _encode(spec: CodeSpec, x: torch.Tensor, key: TensorKey) -> Mapping[str, tor
     scale = sr2_scale(spec, rows)
     _, below, t = _sr2_levels(rows.gather(1, pos), scale)
     if n_rows and k:
-        blocks = _uniform_blocks(_stream_keys(seed, key, _ROUND_STREAM), key.row, key.row + n_rows, n, k)
+        blocks = uniform_blocks(stream_keys(seed, key, _ROUND_STREAM), key.row, key.row + n_rows, n, k)
         below += torch.from_numpy(np.concatenate(list(blocks))) < t
-    return {"kept": torch.cat([scale.view(torch.uint8).reshape(n_rows, _SR2_SCALE_BYTES), pack_rows(below, 2)], 1)}
+    return {"kept": with_row_scales(scale, pack_rows(below, 2))}
 
 
 def _decode(
@@ -201,9 +213,8 @@ def _decode(
     k = count_of(p, n)
     pos = keep_positions(seed, key, n_rows, n, k)
     if is_stochastic(spec):
-        kept_rows = payload["kept"]
-        scale = kept_rows[:, :_SR2_SCALE_BYTES].reshape(-1).clone().view(torch.bfloat16)
-        kept = _sr2_value(unpack_rows(kept_rows[:, _SR2_SCALE_BYTES:], 2, k), scale)
+        scale, packed = split_row_scales(payload["kept"])
+        kept = _sr2_value(unpack_rows(packed, 2, k), scale)
     else:
         kept = dequantize_rows(unpack_signed(payload["codes"], bits, k), payload["scale"])
     out = torch.zeros(n_rows, n, dtype=torch.float64)
@@ -217,7 +228,7 @@ def _nbytes(spec: CodeSpec, shape: tuple[int, ...]) -> int:
     n_rows, n = row_view_shape(shape)
     k = count_of(p, n)
     if is_stochastic(spec):
-        return n_rows * (_SR2_SCALE_BYTES + packed_row_bytes(k, 2))
+        return n_rows * (ROW_SCALE_BYTES + packed_row_bytes(k, 2))
     return values_nbytes(n_rows, k, bits)
 
 

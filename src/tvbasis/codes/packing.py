@@ -82,3 +82,23 @@ def unpack_positions(where: torch.Tensor, n: int, k: int) -> torch.Tensor:
     width = index_width(n)
     parts = where.reshape(k, width).to(torch.int64)
     return sum((parts[:, b] << (8 * b) for b in range(width)), torch.zeros(k, dtype=torch.int64))
+
+
+#: Bytes of the bfloat16 scale that ``with_row_scales`` puts before each row's packed codes.
+ROW_SCALE_BYTES = 2
+
+
+def with_row_scales(scale: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """One ``(rows, 2 + width)`` byte matrix: each row's bfloat16 ``scale``, then its ``packed`` codes.
+
+    A code that stores both as one payload part costs a store one header entry per tensor and
+    task instead of two.
+    """
+    head = scale.to(torch.bfloat16).contiguous().view(torch.uint8).reshape(-1, ROW_SCALE_BYTES)
+    return torch.cat([head, packed], dim=1)
+
+
+def split_row_scales(kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of ``with_row_scales``: the ``(rows,)`` bfloat16 scales and the packed codes."""
+    scale = kept[:, :ROW_SCALE_BYTES].contiguous().reshape(-1).view(torch.bfloat16)
+    return scale, kept[:, ROW_SCALE_BYTES:]

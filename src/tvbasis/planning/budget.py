@@ -54,6 +54,8 @@ from tvbasis.store.residuals import (
 
 #: Keep shares the planner tries with ``sr2`` values.
 SR2_SHARES = (0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625)
+#: Shares of rotated coordinates the planner tries with ``rsign`` (one bit each).
+RSIGN_SHARES = (1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625, 0.0078125)
 #: Residual codes the planner tries on every tensor; ``{seed}`` is the build's seed.
 DEFAULT_CODES: tuple[str, ...] = (
     "none",
@@ -69,6 +71,8 @@ DEFAULT_CODES: tuple[str, ...] = (
     # stochastic 2-bit values clipped at 2 row RMS (less variance) and at 3 (less bias): the first
     # wins where the budget leaves much variance, the second where it leaves little
     *(f"keep:{p}:sr2{clip}:seed={{seed}}" for clip in ("", ":clip=3") for p in SR2_SHARES),
+    # signs of a random rotation's coordinates: no bias, and per byte less variance than sr2
+    *(f"rsign:{p}:seed={{seed}}" for p in RSIGN_SHARES),
     "keep:0.0125:int8:seed={seed}",
     "keep:0.00625:int8:seed={seed}",
     "keep:0.003:int8:seed={seed}",
