@@ -364,6 +364,100 @@ def plot_resampled(out: Path, ref: dict[str, Any], groups: dict[str, list[dict[s
     plt.close(fig)
 
 
+#: The issue's targets per budget: (gain kept, every task's negation kept), over validation draws.
+TARGETS = {1 / 64: (0.99, 0.95), 1 / 256: (0.97, 0.90)}
+
+
+def _target_of(budget: float | None) -> tuple[float, float] | None:
+    return next((t for b, t in TARGETS.items() if budget is not None and math.isclose(budget, b, rel_tol=1e-3)), None)
+
+
+def resampled_rows(out: Path) -> list[dict[str, Any]]:
+    """``frontier_resampled.py``'s rows measured on the reference's draws (empty if it has not run)."""
+    ref_path, rows_path = out / "resampled-reference.json", out / "resampled.jsonl"
+    if not (ref_path.exists() and rows_path.exists()):
+        return []
+    settings = json.loads(ref_path.read_text())["settings"]
+    rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["settings"] == settings]
+
+
+def targets_table(rows: list[dict[str, Any]], labels: list[str] | None = None) -> list[str]:
+    """Per store over the draws: bytes, gain and the worst task's negation with 95% intervals, and
+    whether the budget's target is met (point estimates, as in docs/frontier.md)."""
+    lines = [
+        "| configuration | seed | bytes | gain kept [95%] | worst task's negation kept [95%] | met? |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if labels and r["config"]["label"] not in labels:
+            continue
+        worst = min(r["effect_resampled"], key=lambda t: r["effect_resampled"][t])
+        lo, hi = r["gain_resampled_ci"]
+        elo, ehi = r["effect_resampled_ci"][worst]
+        target = _target_of(r["config"].get("budget"))
+        met = "-"
+        if target is not None:
+            gain_ok, neg_ok = r["gain_resampled"] >= target[0], r["effect_resampled_min"] >= target[1]
+            met = "**yes**" if gain_ok and neg_ok else "gain only" if gain_ok else "negation only" if neg_ok else "no"
+        lines.append(
+            f"| {r['config']['label']} | {r['config']['seed']} | {r['bytes_ratio']:.3%} | "
+            f"{r['gain_resampled']:.3f} [{lo:.3f}, {hi:.3f}] | {r['effect_resampled_min']:.3f} ({worst}) "
+            f"[{elo:.3f}, {ehi:.3f}] | {met} |"
+        )
+    return lines
+
+
+def plot_targets(rows: list[dict[str, Any]], path: Path, labels: list[str] | None = None) -> None:
+    """Per configuration (a panel each): every task's negation kept over the draws, a bar per seed
+    with its 95% interval, the gain kept in the legend, and the budget's targets as lines."""
+    groups = group([r for r in rows if not labels or r["config"]["label"] in labels])
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4.2), squeeze=False)
+    for ax, (label, rs) in zip(axes[0], groups.items(), strict=True):
+        names = list(rs[0]["effect_resampled"])
+        x = np.arange(len(names))
+        width = 0.8 / len(rs)
+        for j, r in enumerate(rs):
+            ys = np.array([r["effect_resampled"][t] for t in names])
+            ci = np.array([r["effect_resampled_ci"][t] for t in names]).T
+            ax.bar(
+                x + (j - (len(rs) - 1) / 2) * width,
+                ys,
+                width=width,
+                yerr=np.abs(ci - ys),
+                capsize=2,
+                label=f"seed {r['config']['seed']}: gain {r['gain_resampled']:.3f}",
+            )
+        target = _target_of(rs[0]["config"].get("budget"))
+        if target is not None:
+            ax.axhline(target[1], color="tab:red", linewidth=1, linestyle="--", label=f"target {target[1]:.2f}")
+        ax.axhline(1.0, color="grey", linewidth=0.5)
+        ax.set_xticks(x, names, rotation=45, ha="right", fontsize=8)
+        ax.set_ylim(0.6, 1.15)
+        ax.set_ylabel("negation effect kept (over the draws)")
+        ax.set_title(label, fontsize=9)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def write_resampled_report(out: Path, labels: list[str] | None = None) -> list[str]:
+    """``frontier_resampled.py --report``: the targets table and ``targets.png`` from its own files
+    (no single-run results needed)."""
+    rows = resampled_rows(out)
+    if not rows:
+        return [f"{out}: no resampled results yet (run benchmarks/frontier_resampled.py first)"]
+    lines = targets_table(rows, labels)
+    plot_targets(rows, out / "targets.png", labels)
+    return [*lines, "", f"plot: {out / 'targets.png'}"]
+
+
 def write_report(out: Path) -> None:
     ref, rows = load(out)
     groups = group(rows)

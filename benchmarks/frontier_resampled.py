@@ -20,7 +20,9 @@ measured at each lambda any draw chose. Reported per configuration:
     .venv/bin/python benchmarks/frontier_resampled.py --out runs/frontier --only int8 int4
 
 Finished configurations are appended to ``resampled.jsonl`` (resumable); the true vectors'
-figures are cached in ``resampled-reference.json``. ``frontier.py --report`` adds their table.
+figures are cached in ``resampled-reference.json``. ``frontier.py --report`` adds their table;
+``--report`` here prints each store against the targets and plots ``targets.png`` from these
+files alone.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from frontier import (
     key,
     last_delta,
 )
+from frontier_report import write_resampled_report
 from tvbasis.arithmetic import task_weights
 from tvbasis.evaluation import resampling, runner
 from tvbasis.evaluation.protocol import LAMBDA_GRID
@@ -239,7 +242,13 @@ def main() -> None:
     ap.add_argument("--draws", type=int, default=2000, help="validation draws per task")
     ap.add_argument("--draw-size", type=int, default=SUITE.val_limit, help="validation examples per draw")
     ap.add_argument("--draw-seed", type=int, default=0)
+    ap.add_argument(
+        "--report", action="store_true", help="print the targets table and plot targets.png (of --only labels)"
+    )
     args = ap.parse_args()
+    if args.report:
+        print("\n".join(write_resampled_report(args.out, args.only)))
+        return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args.out.mkdir(parents=True, exist_ok=True)
     suite = TextSuite.load()

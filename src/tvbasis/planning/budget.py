@@ -643,8 +643,10 @@ def _exchange(idx: np.ndarray, loss: np.ndarray, size: np.ndarray, budget: int, 
         bound = np.where(reach >= 0, best_so_far[np.maximum(reach, 0)], 0.0) - d_loss[di, dj]
         found, found_gain = None, 1e-12 * max(float(np.abs(current_loss).sum()), 1e-30)
         for d in np.argsort(-bound, kind="stable"):
-            if bound[d] <= found_gain or reach[d] < 0:
-                break
+            if bound[d] <= found_gain:
+                break  # sorted by bound: no later downgrade can do better
+            if reach[d] < 0:
+                continue  # no upgrade is affordable beside this downgrade; a later one may have room
             u = best_at[reach[d]]
             if ui[u] == di[d]:  # the best upgrade within reach is on the same tensor: look past it
                 within = np.flatnonzero(ui[: reach[d] + 1] != di[d])
