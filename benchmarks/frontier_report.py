@@ -260,16 +260,56 @@ def budget_comparison(groups: dict[str, list[dict[str, Any]]]) -> list[str]:
     return lines
 
 
-def resampled_section(out: Path, ref: dict[str, Any]) -> list[str]:
-    """The tables of ``frontier_resampled.py``'s figures, and how much the true vectors' own lambda moves."""
+#: The issue's targets per budget: (gain kept, every task's negation kept), over validation draws.
+TARGETS = {1 / 64: (0.99, 0.95), 1 / 256: (0.97, 0.90)}
+
+
+def _target_of(budget: float | None) -> tuple[float, float] | None:
+    return next((t for b, t in TARGETS.items() if budget is not None and math.isclose(budget, b, rel_tol=1e-3)), None)
+
+
+def resampled_rows(out: Path) -> list[dict[str, Any]]:
+    """``frontier_resampled.py``'s rows measured on the reference's draws (empty if it has not run)."""
     ref_path, rows_path = out / "resampled-reference.json", out / "resampled.jsonl"
     if not (ref_path.exists() and rows_path.exists()):
         return []
-    full = json.loads(ref_path.read_text())
+    settings = json.loads(ref_path.read_text())["settings"]
     rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r["settings"] == full["settings"]]
+    return [r for r in rows if r["settings"] == settings]
+
+
+def targets_table(rows: list[dict[str, Any]], labels: list[str] | None = None) -> list[str]:
+    """Per store over the draws: bytes, gain and the worst task's negation with 95% intervals, and
+    whether the budget's target is met (point estimates, as in docs/frontier.md)."""
+    lines = [
+        "| configuration | seed | bytes | gain kept [95%] | worst task's negation kept [95%] | met? |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if labels and r["config"]["label"] not in labels:
+            continue
+        worst = min(r["effect_resampled"], key=lambda t: r["effect_resampled"][t])
+        lo, hi = r["gain_resampled_ci"]
+        elo, ehi = r["effect_resampled_ci"][worst]
+        target = _target_of(r["config"].get("budget"))
+        met = "-"
+        if target is not None:
+            gain_ok, neg_ok = r["gain_resampled"] >= target[0], r["effect_resampled_min"] >= target[1]
+            met = "**yes**" if gain_ok and neg_ok else "gain only" if gain_ok else "negation only" if neg_ok else "no"
+        lines.append(
+            f"| {r['config']['label']} | {r['config']['seed']} | {r['bytes_ratio']:.3%} | "
+            f"{r['gain_resampled']:.3f} [{lo:.3f}, {hi:.3f}] | {r['effect_resampled_min']:.3f} ({worst}) "
+            f"[{elo:.3f}, {ehi:.3f}] | {met} |"
+        )
+    return lines
+
+
+def resampled_section(out: Path, ref: dict[str, Any]) -> list[str]:
+    """The tables of ``frontier_resampled.py``'s figures, and how much the true vectors' own lambda moves."""
+    rows = resampled_rows(out)
     if not rows:
         return []
+    full = json.loads((out / "resampled-reference.json").read_text())
     st = full["settings"]
     lines = [
         "",
@@ -279,17 +319,8 @@ def resampled_section(out: Path, ref: dict[str, Any]) -> list[str]:
         "",
         "Per store, with 95% intervals from resampling the test examples (paired):",
         "",
-        "| configuration | seed | gain kept | worst task's negation kept | that task | its interval |",
-        "|---|---|---|---|---|---|",
+        *targets_table(rows),
     ]
-    for r in rows:
-        worst = min(r["effect_resampled"], key=lambda t: r["effect_resampled"][t])
-        lo, hi = r["gain_resampled_ci"]
-        elo, ehi = r["effect_resampled_ci"][worst]
-        lines.append(
-            f"| {r['config']['label']} | {r['config']['seed']} | {r['gain_resampled']:.3f} [{lo:.3f}, {hi:.3f}] | "
-            f"{r['effect_resampled_min']:.3f} | {worst} | [{elo:.3f}, {ehi:.3f}] |"
-        )
     lines += [
         "",
         "The true vectors' own lambda over the draws (share of draws choosing the single run's lambda; "
@@ -315,8 +346,7 @@ def plot_resampled(out: Path, ref: dict[str, Any], groups: dict[str, list[dict[s
     """The true vectors' lambda over the draws (a heat map), and per task the negation kept by each
     resampled configuration as one run, at matched lambdas and over the draws (worst seed)."""
     full = json.loads((out / "resampled-reference.json").read_text())
-    rows = [json.loads(line) for line in (out / "resampled.jsonl").read_text().splitlines() if line.strip()]
-    resampled = group([r for r in rows if r["settings"] == full["settings"]])
+    resampled = group(resampled_rows(out))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -362,50 +392,6 @@ def plot_resampled(out: Path, ref: dict[str, Any], groups: dict[str, list[dict[s
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
-
-
-#: The issue's targets per budget: (gain kept, every task's negation kept), over validation draws.
-TARGETS = {1 / 64: (0.99, 0.95), 1 / 256: (0.97, 0.90)}
-
-
-def _target_of(budget: float | None) -> tuple[float, float] | None:
-    return next((t for b, t in TARGETS.items() if budget is not None and math.isclose(budget, b, rel_tol=1e-3)), None)
-
-
-def resampled_rows(out: Path) -> list[dict[str, Any]]:
-    """``frontier_resampled.py``'s rows measured on the reference's draws (empty if it has not run)."""
-    ref_path, rows_path = out / "resampled-reference.json", out / "resampled.jsonl"
-    if not (ref_path.exists() and rows_path.exists()):
-        return []
-    settings = json.loads(ref_path.read_text())["settings"]
-    rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r["settings"] == settings]
-
-
-def targets_table(rows: list[dict[str, Any]], labels: list[str] | None = None) -> list[str]:
-    """Per store over the draws: bytes, gain and the worst task's negation with 95% intervals, and
-    whether the budget's target is met (point estimates, as in docs/frontier.md)."""
-    lines = [
-        "| configuration | seed | bytes | gain kept [95%] | worst task's negation kept [95%] | met? |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        if labels and r["config"]["label"] not in labels:
-            continue
-        worst = min(r["effect_resampled"], key=lambda t: r["effect_resampled"][t])
-        lo, hi = r["gain_resampled_ci"]
-        elo, ehi = r["effect_resampled_ci"][worst]
-        target = _target_of(r["config"].get("budget"))
-        met = "-"
-        if target is not None:
-            gain_ok, neg_ok = r["gain_resampled"] >= target[0], r["effect_resampled_min"] >= target[1]
-            met = "**yes**" if gain_ok and neg_ok else "gain only" if gain_ok else "negation only" if neg_ok else "no"
-        lines.append(
-            f"| {r['config']['label']} | {r['config']['seed']} | {r['bytes_ratio']:.3%} | "
-            f"{r['gain_resampled']:.3f} [{lo:.3f}, {hi:.3f}] | {r['effect_resampled_min']:.3f} ({worst}) "
-            f"[{elo:.3f}, {ehi:.3f}] | {met} |"
-        )
-    return lines
 
 
 def plot_targets(rows: list[dict[str, Any]], path: Path, labels: list[str] | None = None) -> None:

@@ -236,6 +236,13 @@ def fraction_arg(word: str, what: str, text: str) -> float:
     return value
 
 
+def seed_arg(value: str, text: str) -> int:
+    """The ``S`` of a ``seed=S`` word: a whole number 0 or more."""
+    if not value.isdigit():
+        raise TvbasisError(f"code {text!r}: seed {value!r} must be a whole number 0 or more")
+    return int(value)
+
+
 def count_of(fraction: float, n: int) -> int:
     """Entries a rate keeps of ``n``: ``fraction * n`` rounded half up, at least 1 (none of none)."""
     return min(n, max(1, math.floor(fraction * n + 0.5))) if n else 0

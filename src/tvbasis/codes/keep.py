@@ -48,6 +48,7 @@ from tvbasis.codes.core import (
     fraction_arg,
     row_view_shape,
     rows_of,
+    seed_arg,
 )
 from tvbasis.codes.packing import (
     ROW_SCALE_BYTES,
@@ -132,10 +133,7 @@ def _parse(head: str, args: list[str], text: str) -> CodeSpec:
         elif word == SR2:
             bits, stochastic = 2, True
         elif word.startswith("seed="):
-            value = word.removeprefix("seed=")
-            if not value.isdigit():
-                raise TvbasisError(f"code {text!r}: seed {value!r} must be a whole number 0 or more")
-            seed = int(value)
+            seed = seed_arg(word.removeprefix("seed="), text)
         elif word.startswith("clip="):
             clip = _clip_arg(word.removeprefix("clip="), text)
         else:

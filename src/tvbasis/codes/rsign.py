@@ -37,7 +37,16 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from tvbasis.codes.core import Code, CodeSpec, TensorKey, count_of, fraction_arg, row_view_shape, rows_of
+from tvbasis.codes.core import (
+    Code,
+    CodeSpec,
+    TensorKey,
+    count_of,
+    fraction_arg,
+    row_view_shape,
+    rows_of,
+    seed_arg,
+)
 from tvbasis.codes.keep import keep_positions, stream_keys, uniform_blocks
 from tvbasis.codes.packing import (
     ROW_SCALE_BYTES,
@@ -74,10 +83,9 @@ def _parse(head: str, args: list[str], text: str) -> CodeSpec:
     p = fraction_arg(args[0], "share", text)
     seed = 0
     for word in args[1:]:
-        value = word.removeprefix("seed=")
-        if not word.startswith("seed=") or not value.isdigit():
-            raise TvbasisError(f"code {text!r}: unknown parameter {word!r}; expected seed=S (a whole number 0 or more)")
-        seed = int(value)
+        if not word.startswith("seed="):
+            raise TvbasisError(f"code {text!r}: unknown parameter {word!r}; expected seed=S")
+        seed = seed_arg(word.removeprefix("seed="), text)
     return CodeSpec(head, (("p", p), ("seed", seed)))
 
 
