@@ -36,11 +36,12 @@ from tvbasis.evaluation import runner
 from tvbasis.evaluation.protocol import effect_retained, gain_retained
 from tvbasis.methods import make_method
 from tvbasis.planning.budget import DEFAULT_CODES
+from tvbasis.planning.sensitivity import load_sensitivity, output_sensitivity, row_energy, save_sensitivity
 from tvbasis.store import Store, open_store
 from tvbasis.store.residuals import CodePlan, TensorCode, uniform_plan
 from tvbasis.tasks import TaskSource
 from tvbasis.textsuite.data import TASK_NAMES, load_task
-from tvbasis.textsuite.model import Evaluator, finetune_cached, minilm_path
+from tvbasis.textsuite.model import Evaluator, calibration_forward, finetune_cached, minilm_path
 from tvbasis.textsuite.presets import default_cache
 from tvbasis.textsuite.suite import SuiteConfig, task_vector
 
@@ -102,6 +103,7 @@ def configurations(
     row_codes: bool = False,
     sr2_clips: tuple[float, ...] = (),
     rsign: bool = False,
+    sensitivity: bool = False,
 ) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     if "single" in kinds:
@@ -134,6 +136,9 @@ def configurations(
             if rsign:
                 label += ", rsign"
                 extra["rsign"] = True
+            if sensitivity:
+                label += ", sensitivity"
+                extra["sensitivity"] = True
             for seed in seeds:
                 out.append({"label": label, "kind": "planned", "budget": budget, "seed": seed, **extra})
     return out
@@ -153,6 +158,11 @@ def add_planner_arguments(ap: argparse.ArgumentParser) -> None:
         "--sr2-clips", nargs="+", type=float, default=None, help="sr2 clips the planner may use, e.g. 2 3 (labelled)"
     )
     ap.add_argument("--rsign", action="store_true", help="let the planner use rsign:... codes (labelled)")
+    ap.add_argument(
+        "--sensitivity",
+        action="store_true",
+        help="weigh each tensor's error by its output sensitivity (sensitivity.json beside the stats store; labelled)",
+    )
 
 
 def configurations_of(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -167,6 +177,7 @@ def configurations_of(args: argparse.Namespace) -> list[dict[str, Any]]:
         args.row_codes,
         tuple(args.sr2_clips) if args.sr2_clips else (2.0,) if args.sr2_codes else (),
         args.rsign,
+        args.sensitivity,
     )
 
 
@@ -194,7 +205,31 @@ def build_config(cfg: dict[str, Any], base: Path, sources: list[TaskSource], pat
         tensor_atom_codes=tuple(cfg.get("tensor_atom_codes", UNLABELLED_TENSOR_ATOM_CODES)),
         row_codes=cfg.get("row_codes", False),
         codes=planner_codes(cfg),
+        sensitivity=load_sensitivity(sensitivity_path(plan_store)) if cfg.get("sensitivity") else None,
     )
+
+
+def sensitivity_path(plan_store: Path) -> Path:
+    """Where the text suite's per-tensor output sensitivity is kept, beside the statistics store."""
+    return plan_store.parent / "sensitivity.json"
+
+
+def ensure_sensitivity(plan_store: Path, suite: TextSuite) -> None:
+    """The text suite's per-tensor output sensitivity (``planning.sensitivity``), measured once:
+    the encoder's embeddings of the first 32 training examples of each task, the error shaped by
+    the eight task vectors' rows."""
+    path = sensitivity_path(plan_store)
+    if path.exists():
+        return
+    base_state = suite.ev.base_state()
+    profile = row_energy(task_vector(base_state, suite.ft_dirs[n]) for n in suite.names)
+    shapes = {k: tuple(v.shape) for k, v in base_state.items()}
+    t0 = time.perf_counter()
+    figures = output_sensitivity(calibration_forward(suite.ev), shapes, profile)
+    meta = {"calibration": "32 training examples per task", "seconds": time.perf_counter() - t0}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_sensitivity(path, figures, meta)
+    print(f"sensitivity of {len(figures)} tensors measured in {meta['seconds']:.1f} s -> {path}", flush=True)
 
 
 def ensure_stats_store(plan_store: Path, base: Path, sources: list[TaskSource]) -> None:
@@ -409,6 +444,8 @@ def main() -> None:
     plan_store = args.out / "stores" / "stats"
     if "planned" in args.configs:
         ensure_stats_store(plan_store, base, sources)
+        if args.sensitivity:
+            ensure_sensitivity(plan_store, suite)
     if args.backfill_matched:
         backfill_matched(results_path, args, base, sources, plan_store, ev, names, ref, limits, log)
         return

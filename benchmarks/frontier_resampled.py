@@ -48,6 +48,7 @@ from frontier import (
     add_planner_arguments,
     build_config,
     configurations_of,
+    ensure_sensitivity,
     ensure_stats_store,
     key,
     last_delta,
@@ -290,6 +291,8 @@ def main() -> None:
     plan_store = args.out / "stores" / "stats"
     if "planned" in args.configs:
         ensure_stats_store(plan_store, base, sources)
+        if args.sensitivity:
+            ensure_sensitivity(plan_store, suite)
     for cfg in configurations_of(args):
         if key(cfg) in done or (args.only and cfg["label"] not in args.only):
             continue

@@ -38,6 +38,7 @@ from frontier import (
     add_planner_arguments,
     build_config,
     configurations_of,
+    ensure_sensitivity,
     ensure_stats_store,
     key,
 )
@@ -111,6 +112,8 @@ def main() -> None:
         done = {line_key(json.loads(line)) for line in results_path.read_text().splitlines() if line.strip()}
     plan_store = args.out / "stores" / "stats"
     ensure_stats_store(plan_store, suite.base, suite.sources)
+    if args.sensitivity:
+        ensure_sensitivity(plan_store, suite)
     for cfg in configurations_of(args):
         t0 = time.perf_counter()
         store = open_or_build(cfg, suite, args.out, plan_store)
@@ -156,6 +159,8 @@ def print_shifts(
     groups = args.groups or sorted({tensor_group(k) for k in true_delta})
     plan_store = args.out / "stores" / "stats"
     ensure_stats_store(plan_store, suite.base, suite.sources)
+    if args.sensitivity:
+        ensure_sensitivity(plan_store, suite)
     for cfg in configurations_of(args):
         store = open_or_build(cfg, suite, args.out, plan_store)
         delta = runner.store_delta(store, task_weights(names, negate=[args.target]))

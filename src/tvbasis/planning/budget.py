@@ -137,6 +137,8 @@ class BudgetPlan:
     noise_weight: float
     task_names: list[str]
     objective: str = "mean"
+    #: whether losses are weighted by per-tensor output sensitivity
+    weighted: bool = False
 
     @property
     def codes(self) -> CodePlan:
@@ -183,6 +185,7 @@ class BudgetPlan:
             "ratio": self.nbytes / self.original_bytes,
             "noise_weight": self.noise_weight,
             "objective": self.objective,
+            "sensitivity_weighted": self.weighted,
             "estimated_loss": self.loss,
             "estimated_worst_loss": self.worst_loss,
             "tasks": {
@@ -194,6 +197,18 @@ class BudgetPlan:
             "codes": groups,
             "tensors": {c.tensor: str(c.code) for c in self.choices},
         }
+
+
+def tensor_weights(
+    tensor_grams: Mapping[str, np.ndarray], sensitivity: Mapping[str, float] | None
+) -> dict[str, float] | None:
+    """Per tensor, the planner's weight of its error: ``sensitivity`` normalised by the tasks'
+    energy in each tensor (``planning.sensitivity.normalised_weights``); None without one."""
+    if sensitivity is None:
+        return None
+    from tvbasis.planning.sensitivity import normalised_weights
+
+    return normalised_weights(sensitivity, {n: max(float(np.trace(g)), 0.0) for n, g in tensor_grams.items()})
 
 
 def _pca(gram: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
@@ -270,6 +285,7 @@ def plan_budget(
     tensor_atom_codes: Sequence[str] = TENSOR_ATOM_CODES,
     objective: str = "mean",
     nonzero_rows: Mapping[str, np.ndarray] | None = None,
+    sensitivity: Mapping[str, float] | None = None,
 ) -> BudgetPlan:
     """The plan with the least estimated proxy loss within ``budget`` (a fraction of the T fp32
     task vectors' bytes if <= 1, else bytes), over M in ``atoms`` (default 0, 1, 2, 4 ... T - 1)
@@ -279,7 +295,9 @@ def plan_budget(
     over tasks, or the worst task's (``worst``, by reweighting tasks; see ``_worst_case``).
     ``nonzero_rows`` (per tensor, each task's count of nonzero rows) lets a tensor that no basis
     covers and that some task leaves with zero rows use each code as ``rows:CODE``, which pays
-    only for the nonzero rows."""
+    only for the nonzero rows. ``sensitivity`` (per tensor, the outputs' shift per unit squared
+    weight error: ``planning.sensitivity``) weighs each tensor's error by it, normalised so that
+    an error spread like the tasks' energy weighs as much as unweighted."""
     T = gram.shape[0]
     names = list(tensor_grams)
     if set(names) != set(shapes):
@@ -301,6 +319,7 @@ def plan_budget(
     )
     sparse = {n for n in shapes if _has_zero_rows(nonzero_rows, n, shapes[n], T)}
     sq_norm = np.where(np.diag(gram) > 0, np.diag(gram), 1.0)
+    weights = tensor_weights(tensor_grams, sensitivity)
     if atoms is None:
         atoms = sorted({0, *(m for m in (1, 2, 4, 8, 16, 32) if m < T), max(T - 1, 0)})
     if tensor_atoms is None:
@@ -336,11 +355,14 @@ def plan_budget(
             atom_codes,
             nonzero_rows,
             row_specs,
+            weights,
         )
         plan = solve(options, budget_bytes - overhead)
         if plan is None:
             continue
-        candidate = BudgetPlan(m, plan, budget_bytes, original, overhead, noise_weight, plan_names, objective)
+        candidate = BudgetPlan(
+            m, plan, budget_bytes, original, overhead, noise_weight, plan_names, objective, weights is not None
+        )
         if best is None or candidate.score < best.score:
             best, best_options = candidate, options
     if best is None:
@@ -370,6 +392,7 @@ def estimate_plan(
     task_names: Sequence[str] | None = None,
     noise_weight: float = DEFAULT_NOISE_WEIGHT,
     nonzero_rows: Mapping[str, np.ndarray] | None = None,
+    sensitivity: Mapping[str, float] | None = None,
 ) -> BudgetPlan:
     """The planner's estimates (bytes, per-task bias and variance) for a given code plan with a
     global pca basis of ``n_atoms`` atoms: how the planner sees a store it did not choose
@@ -378,6 +401,7 @@ def estimate_plan(
     names = list(tensor_grams)
     encoder, decoder = _pca(gram, n_atoms) if n_atoms else (np.zeros((T, 0)), np.zeros((0, T)))
     sq_norm = np.where(np.diag(gram) > 0, np.diag(gram), 1.0)
+    weights = tensor_weights(tensor_grams, sensitivity)
     choices = []
     for n in names:
         tc = codes.of(n)
@@ -396,12 +420,13 @@ def estimate_plan(
             [tc.tensor_atoms] if tc.tensor_atoms else [],
             atom_codes=[tc.atom_code],
             nonzero_rows=nonzero_rows,
+            weights=weights,
         )
         choices.append(next(c for _, c in options if c.code == tc))
     original = 4 * T * sum(math.prod(s) for s in shapes.values())
     plan_names = list(task_names or range(T))
     overhead = _fixed_overhead(T, shapes, n_atoms) + _residual_headers(choices, shapes, plan_names, nonzero_rows)
-    plan = BudgetPlan(n_atoms, choices, 0, original, overhead, noise_weight, plan_names)
+    plan = BudgetPlan(n_atoms, choices, 0, original, overhead, noise_weight, plan_names, weighted=weights is not None)
     plan.budget_bytes = plan.nbytes
     return plan
 
@@ -421,6 +446,7 @@ def _tensor_options(
     atom_codes: Sequence[CodeSpec] = (TENSOR_ATOM_CODE,),
     nonzero_rows: Mapping[str, np.ndarray] | None = None,
     row_specs: Sequence[CodeSpec] = (),
+    weights: Mapping[str, float] | None = None,
 ) -> list[list[tuple[float, Choice]]]:
     """Per tensor, every candidate as ``(mean proxy loss, Choice)``. ``own_energy`` caches the
     residual energies of the tensors' own bases, which do not depend on the global basis.
@@ -431,7 +457,10 @@ def _tensor_options(
 
     A tensor's own atoms are coded with each of ``atom_codes``; their rounding adds the code's
     relative error of the energy the basis captures to the residual (the atoms are orthogonal, so
-    each task gets its share ``sum_j lambda_j B_tj^2``, which is what it has captured)."""
+    each task gets its share ``sum_j lambda_j B_tj^2``, which is what it has captured).
+
+    ``weights`` (``tensor_weights``) scales each tensor's losses by what its error does to the
+    model's outputs."""
     own_energy = {} if own_energy is None else own_energy
     # one TensorCode per kind of candidate, shared by every tensor (keyed by the specs' identities:
     # the same objects throughout, and cheaper to hash than the specs)
@@ -470,8 +499,9 @@ def _tensor_options(
         rel = np.array([relative_error(spec, row_numel, rows) for spec in tensor_specs])  # (codes, 2)
         code_bytes = [_code_bytes(n, spec, shape, counts, T) for spec in tensor_specs]
         per_tensor = []
+        weight = 1.0 if weights is None else weights[n]
         for (basis, own, atom_code), (energy, basis_bytes) in bases.items():
-            share = energy / sq_norm
+            share = energy / sq_norm * weight
             bias, var = rel[:, :1] * share, rel[:, 1:] * share  # (codes, T)
             losses = (bias + noise_weight * var).mean(axis=1)
             for k, spec in enumerate(tensor_specs):
@@ -707,6 +737,7 @@ def build_for_budget(
     overwrite: bool = False,
     engine: Any = None,
     row_codes: bool = True,
+    sensitivity: Mapping[str, float] | None = None,
 ) -> Any:
     """Plan every tensor's code for ``budget`` and build that store (int8 global atoms, per-tensor
     atoms in int8 or int4, coded residuals).
@@ -714,7 +745,8 @@ def build_for_budget(
     The statistics come from ``stats_store`` (a store of the same inputs built with
     ``--tensor-stats``; its content hashes are checked while building) or from a Gram pass
     gathering them; then the atom and residual passes write the store. ``row_codes=False`` keeps
-    ``rows:...`` codes out of the plan (as planned before they existed). If the store comes out
+    ``rows:...`` codes out of the plan (as planned before they existed); ``sensitivity`` weighs
+    each tensor's error (``plan_budget``). If the store comes out
     above the budget (the fixed overhead is an estimate), it is planned and built once more with
     the excess taken off.
     """
@@ -766,6 +798,7 @@ def build_for_budget(
             tensor_atom_codes=tensor_atom_codes,
             objective=objective,
             nonzero_rows=stats.nonzero_rows if row_codes else None,
+            sensitivity=sensitivity,
         )
         store = build_store(
             base,

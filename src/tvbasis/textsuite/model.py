@@ -29,7 +29,7 @@ import math
 import re
 import shutil
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -661,3 +661,21 @@ class Evaluator:
     def accuracies(self, split: str = "test", limit: int | None = None) -> dict[str, float]:
         """:meth:`accuracy` for every task."""
         return {name: self.accuracy(name, split, limit) for name in self.tasks}
+
+
+def calibration_forward(
+    ev: Evaluator, split: str = "train", limit: int = 32
+) -> Callable[[Mapping[str, torch.Tensor]], torch.Tensor]:
+    """The encoder's unit embeddings of every task's first ``limit`` examples of ``split``, with a
+    delta added to the base weights: the outputs ``planning.sensitivity`` measures shifts of.
+    The training split by default, so that no example that chooses or scores an edit is seen."""
+    names = list(ev.tasks)
+
+    def forward(delta: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        ev.set_task_vector(delta)
+        try:
+            return torch.cat([ev.embeddings(n, split, limit) for n in names])
+        finally:
+            ev.reset()
+
+    return forward
