@@ -39,7 +39,7 @@ from tvbasis.planning.budget import DEFAULT_CODES
 from tvbasis.planning.sensitivity import load_sensitivity, output_sensitivity, row_energy, save_sensitivity
 from tvbasis.store import Store, open_store
 from tvbasis.store.residuals import CodePlan, TensorCode, uniform_plan
-from tvbasis.tasks import TaskSource
+from tvbasis.tasks import TaskSource, TaskVectorSet
 from tvbasis.textsuite.data import TASK_NAMES, load_task
 from tvbasis.textsuite.model import Evaluator, calibration_forward, finetune_cached, minilm_path
 from tvbasis.textsuite.presets import default_cache
@@ -221,9 +221,9 @@ def ensure_sensitivity(plan_store: Path, suite: TextSuite) -> None:
     path = sensitivity_path(plan_store)
     if path.exists():
         return
-    base_state = suite.ev.base_state()
-    profile = row_energy(task_vector(base_state, suite.ft_dirs[n]) for n in suite.names)
-    shapes = {k: tuple(v.shape) for k, v in base_state.items()}
+    tasks = TaskVectorSet(suite.base, suite.sources)
+    profile = row_energy(tasks)
+    shapes = {i.name: tuple(i.shape) for i in tasks.tensors}
     t0 = time.perf_counter()
     figures = output_sensitivity(calibration_forward(suite.ev), shapes, profile)
     meta = {"calibration": "32 training examples per task", "seconds": time.perf_counter() - t0}

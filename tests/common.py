@@ -101,6 +101,21 @@ def write_family(
     return Family(root / "base.safetensors", tasks, base, deltas, names)
 
 
+#: Larger matrices than SHAPES, so payloads outweigh headers as in real models (budget planning).
+LARGE_SHAPES = {**SHAPES, "big.weight": (256, 128), "big2.weight": (192, 160)}
+
+
+def write_large_family(root: Path, T: int = 6, rank: int | None = None, seed: int = 0) -> Family:
+    """``write_family`` with the two large matrices of ``LARGE_SHAPES`` added."""
+    old = dict(SHAPES)
+    SHAPES.update(LARGE_SHAPES)
+    try:
+        return write_family(root, T=T, rank=rank, seed=seed)
+    finally:
+        SHAPES.clear()
+        SHAPES.update(old)
+
+
 def flat(state: dict[str, torch.Tensor], names: list[str]) -> np.ndarray:
     """Concatenate the named tensors of a state dict into one float64 vector."""
     return np.concatenate([state[n].double().reshape(-1).numpy() for n in names])

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-import common
-from common import tree_digest, write_family
+from common import tree_digest, write_large_family
 from tvbasis.build import build_store
 from tvbasis.cli import app
 from tvbasis.codes import CodeSpec, parse_code
@@ -29,18 +28,10 @@ from tvbasis.store import open_store
 pytestmark = pytest.mark.usefixtures("one_thread")
 EXCLUDE = ["head.*"]
 runner = CliRunner()
-# larger matrices than common.SHAPES, so payloads outweigh headers as in real models
-SHAPES = {**common.SHAPES, "big.weight": (256, 128), "big2.weight": (192, 160)}
 
 
 def _family(root: Path, rank: int | None, seed: int = 0):
-    old = dict(common.SHAPES)
-    common.SHAPES.update(SHAPES)
-    try:
-        return write_family(root, T=6, rank=rank, seed=seed)
-    finally:
-        common.SHAPES.clear()
-        common.SHAPES.update(old)
+    return write_large_family(root, T=6, rank=rank, seed=seed)
 
 
 @pytest.fixture(scope="module")

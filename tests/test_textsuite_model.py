@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -318,3 +319,45 @@ def test_full_minilm_finetune_beats_zero_shot(tmp_path: Path) -> None:
     out = M.finetune(base, task, tmp_path / "ft", max_steps=20)
     ev.set_weights(M.load_encoder_state(out))
     assert ev.accuracy(task.name, "test") > zero_shot + 0.05
+
+
+# -- output sensitivity -----------------------------------------------------------------------------
+def test_sensitivity_command_on_a_real_encoder(small: Path, finetuned: Path, tmp_path: Path) -> None:
+    """``tvbasis sensitivity`` measures every tensor the fine-tune changes, shaped by its rows; the
+    encoder's weights are left as they were, and bad input is named."""
+    from typer.testing import CliRunner
+
+    from tvbasis.cli import app
+    from tvbasis.planning.sensitivity import load_sensitivity
+
+    runner = CliRunner()
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(t for group in TEXTS.values() for t in group) + "\n\n")
+    args = ["sensitivity", "--base", str(small), "--texts", str(texts), "--max-length", "16", "-q"]
+    res = runner.invoke(app, [*args, "--task", f"toy={finetuned}", "--out", str(tmp_path / "s.json")])
+    assert res.exit_code == 0, res.output
+    figures = load_sensitivity(tmp_path / "s.json")
+    layer_norm = [v for k, v in figures.items() if "LayerNorm" in k]
+    matrices = [v for k, v in figures.items() if k.endswith("dense.weight")]
+    assert figures and all(v >= 0 for v in figures.values())
+    # error in a norm's few entries reaches every token: far more per unit than in a matrix
+    assert min(layer_norm) > 0 and np.median(layer_norm) > 10 * np.median(matrices)
+    meta = json.loads((tmp_path / "s.json").read_text())["meta"]
+    assert meta["texts"] == 12 and meta["tasks"] == ["toy"]
+    # the forward restores the weights it perturbs: the same call measures the same figures
+    forward = M.text_encoder_forward(small, ["a cold frosty morning", "roast the vegetables"], 16)
+    before = forward({})
+    name = next(iter(figures))
+    forward({name: torch.ones(load_file(str(small / "model.safetensors"))[name].shape)})
+    assert torch.equal(forward({}), before)
+    with pytest.raises(TvbasisError, match="not a parameter of its encoder"):
+        forward({"classifier.weight": torch.zeros(2)})
+    res = runner.invoke(app, [*args, "--out", str(tmp_path / "s.json")])
+    assert res.exit_code == 2 and "already exists" in res.output
+    # without fine-tunes the error is isotropic, on every float tensor the --include globs select
+    res = runner.invoke(app, [*args, "--include", "*LayerNorm*", "--out", str(tmp_path / "iso.json")])
+    assert res.exit_code == 0, res.output
+    iso = load_sensitivity(tmp_path / "iso.json")
+    assert set(iso) == {k for k in figures if "LayerNorm" in k} and min(iso.values()) > 0
+    res = runner.invoke(app, [*args[:3], "--texts", str(tmp_path / "none.txt"), "--out", str(tmp_path / "t.json")])
+    assert res.exit_code == 2 and "none.txt" in res.output and not (tmp_path / "t.json").exists()

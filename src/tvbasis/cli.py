@@ -72,6 +72,15 @@ PlanRowCodes = Annotated[
 ]
 
 
+PlanSensitivity = Annotated[
+    Path | None,
+    typer.Option(
+        "--sensitivity",
+        help="[--budget] weigh each tensor's error by its output sensitivity, from this file (tvbasis sensitivity).",
+    ),
+]
+
+
 def _one_line(message: str) -> str:
     """``message`` as one line: terminal escape codes dropped, line breaks (from wrapped errors) as spaces."""
     return " ".join(line.strip() for line in _ANSI_ESCAPE.sub("", message).splitlines() if line.strip())
@@ -200,6 +209,7 @@ def build(
     ] = PLANNER_NOISE_WEIGHT,
     objective: PlanObjective = "mean",
     row_codes: PlanRowCodes = True,
+    sensitivity: PlanSensitivity = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -228,6 +238,7 @@ def build(
                 noise_weight,
                 objective,
                 row_codes,
+                sensitivity,
                 seed,
                 include or rec.include,
                 exclude or rec.exclude,
@@ -247,6 +258,8 @@ def build(
             return
         if plan_from is not None:
             raise TvbasisError("--plan-from applies to --budget only")
+        if sensitivity is not None:
+            raise TvbasisError("--sensitivity applies to --budget only")
         if method_name is None:
             raise TvbasisError("--method: missing (give --method or 'method:' in the recipe)")
         if m is None:
@@ -332,6 +345,7 @@ def _build_for_budget(
     noise_weight: float,
     objective: str,
     row_codes: bool,
+    sensitivity: Path | None,
     seed: int | None,
     include: list[str],
     exclude: list[str],
@@ -340,6 +354,7 @@ def _build_for_budget(
     given: list[tuple[object, str]],
 ) -> Any:
     from tvbasis.planning.budget import build_for_budget
+    from tvbasis.planning.sensitivity import load_sensitivity
 
     for value, option in given:
         if value is not None:
@@ -360,6 +375,7 @@ def _build_for_budget(
         chunk_elements=chunk_elements,
         overwrite=overwrite,
         row_codes=row_codes,
+        sensitivity=None if sensitivity is None else load_sensitivity(sensitivity),
     )
 
 
@@ -858,6 +874,7 @@ def plan(
     objective: PlanObjective = "mean",
     seed: Annotated[int, typer.Option(help="[--budget] seed of the random keep codes.")] = 0,
     row_codes: PlanRowCodes = True,
+    sensitivity: PlanSensitivity = None,
 ) -> None:
     """Per tensor, from the stored matrices only: energy share, the store basis's error, and a per-tensor PCA's.
 
@@ -866,8 +883,10 @@ def plan(
     from tvbasis.store import open_store
 
     if budget is not None:
-        _print_budget_plan(store, budget, atoms, noise_weight, objective, seed, as_json, row_codes)
+        _print_budget_plan(store, budget, atoms, noise_weight, objective, seed, as_json, row_codes, sensitivity)
         return
+    if sensitivity is not None:
+        _fail(TvbasisError("--sensitivity applies to --budget only"))
     try:
         est = estimate_store(open_store(store), atoms or ())
     except TvbasisError as exc:
@@ -909,6 +928,76 @@ def plan(
     )
 
 
+@app.command("sensitivity")
+def sensitivity_command(
+    base: Annotated[str, typer.Option(help="Base model: a Hugging Face model directory with its tokenizer.")],
+    texts: Annotated[Path, typer.Option(help="Calibration inputs: a text file, one text per line.")],
+    out_path: Annotated[Path, typer.Option("--out", help="Sensitivity file (JSON) to write.")],
+    task: Annotated[
+        list[str] | None,
+        typer.Option(help="NAME=PATH fine-tunes whose rows shape the error (repeat; default: isotropic error)."),
+    ] = None,
+    include: Annotated[list[str] | None, typer.Option(help="Only tensors whose name matches this glob.")] = None,
+    exclude: Annotated[list[str] | None, typer.Option(help="Leave out tensors matching this glob.")] = None,
+    limit: Annotated[int, typer.Option(help="Use at most this many texts.")] = 256,
+    max_length: Annotated[int, typer.Option(help="Tokens per text at most.")] = 128,
+    relative_error: Annotated[
+        float, typer.Option(help="Error's squared norm per tensor, relative to the tasks' mean energy there.")
+    ] = 0.05,
+    repeats: Annotated[int, typer.Option(help="Random errors per tensor (their shifts are averaged).")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed of the random errors.")] = 0,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Measure how far a unit of weight error in each tensor moves the model's outputs (mean-pooled
+    embeddings of the calibration texts), for plan/build --budget --sensitivity."""
+    import time
+
+    from tvbasis.io.outputs import check_output_path
+    from tvbasis.planning.sensitivity import output_sensitivity, row_energy, save_sensitivity
+    from tvbasis.tasks import TaskVectorSet, parse_task_arg
+    from tvbasis.textsuite.model import text_encoder_forward
+
+    set_quiet(quiet)
+    try:
+        check_output_path(out_path, overwrite)
+        if limit < 1:
+            raise TvbasisError(f"--limit {limit}: must be at least 1")
+        try:
+            lines = texts.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise TvbasisError(f"--texts {texts}: cannot read it ({exc})") from None
+        lines = [t for t in lines if t.strip()][:limit]
+        forward = text_encoder_forward(base, lines, max_length)
+        if task:
+            tasks = TaskVectorSet(base, [parse_task_arg(t) for t in task], include or [], exclude or [])
+            shapes = {i.name: tuple(i.shape) for i in tasks.tensors}
+            profile = row_energy(tasks)
+        else:
+            from tvbasis.io.checkpoint import open_checkpoint
+            from tvbasis.tasks.taskvectors import select_tensors
+
+            with open_checkpoint(base) as ckpt:
+                shapes = {i.name: tuple(i.shape) for i in select_tensors(ckpt.infos(), include or [], exclude or [])}
+            profile = None
+        t0 = time.perf_counter()
+        figures = output_sensitivity(forward, shapes, profile, relative=relative_error, repeats=repeats, seed=seed)
+        meta = {
+            "base": str(base),
+            "texts": len(lines),
+            "tasks": [parse_task_arg(t).name for t in task or []],
+            "relative_error": relative_error,
+            "repeats": repeats,
+            "seed": seed,
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+        save_sensitivity(out_path, figures, meta, overwrite)
+    except TvbasisError as exc:
+        _fail(exc)
+    if not quiet:
+        _say(f"{out_path}: sensitivity of {len(figures)} tensors from {len(lines)} texts ({meta['seconds']} s)")
+
+
 def _print_budget_plan(
     store: Path,
     budget: float,
@@ -918,8 +1007,10 @@ def _print_budget_plan(
     seed: int,
     as_json: bool,
     row_codes: bool = True,
+    sensitivity: Path | None = None,
 ) -> None:
     from tvbasis.planning.budget import nonzero_rows_from_store, plan_budget, stats_from_store
+    from tvbasis.planning.sensitivity import load_sensitivity
 
     try:
         gram, grams, shapes, names = stats_from_store(store)
@@ -934,6 +1025,7 @@ def _print_budget_plan(
             noise_weight=noise_weight,
             objective=objective,
             nonzero_rows=nonzero_rows_from_store(store) if row_codes else None,
+            sensitivity=None if sensitivity is None else load_sensitivity(sensitivity),
         )
     except TvbasisError as exc:
         _fail(exc)
@@ -951,7 +1043,8 @@ def _print_budget_plan(
         "tensors",
         "bytes",
         "est. loss",
-        caption="loss: bias + noise_weight x variance, relative to each task's energy, mean over tasks",
+        caption="loss: bias + noise_weight x variance, relative to each task's energy, mean over tasks"
+        + (", each tensor's weighted by its output sensitivity" if p.weighted else ""),
     )
     for code, g in sorted(summary["codes"].items(), key=lambda kv: -kv[1]["bytes"]):
         table.add_row(escape(code), str(g["tensors"]), f"{int(g['bytes']):,}", f"{g['loss']:.4f}")

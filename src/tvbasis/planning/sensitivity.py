@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -33,6 +34,9 @@ from tvbasis.codes.core import row_view_shape
 from tvbasis.errors import TvbasisError
 from tvbasis.io.outputs import atomic_output
 from tvbasis.progress import progress
+
+if TYPE_CHECKING:
+    from tvbasis.tasks import TaskVectorSet
 
 #: A model's outputs on the calibration inputs with ``delta`` added to its (base) weights:
 #: ``(examples, features)``.
@@ -43,19 +47,20 @@ DEFAULT_RELATIVE_ERROR = 0.05
 FORMAT = "tvbasis-sensitivity/1"
 
 
-def row_energy(task_vectors: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Per tensor, the tasks' mean squared norm of each row (``row_view_shape`` rows), float64."""
-    total: dict[str, torch.Tensor] = {}
-    count = 0
-    for tv in task_vectors:
-        count += 1
-        for name, x in tv.items():
-            rows, row_numel = row_view_shape(tuple(x.shape))
-            sq = x.detach().to(torch.float64).reshape(rows, row_numel).square().sum(dim=1)
-            total[name] = total[name] + sq if name in total else sq
-    if not count:
-        raise TvbasisError("sensitivity: no task vectors to shape the error by")
-    return {k: v / count for k, v in total.items()}
+def row_energy(tasks: TaskVectorSet, chunk_elements: int = 1 << 22) -> dict[str, torch.Tensor]:
+    """Per tensor of ``tasks``, the tasks' mean squared norm of each row (``row_view_shape`` rows),
+    float64, from one streamed pass (a chunk of rows of every task at a time)."""
+    from tvbasis.tasks.taskvectors import plan_chunks
+
+    out = {i.name: torch.zeros(row_view_shape(tuple(i.shape))[0], dtype=torch.float64) for i in tasks.tensors}
+    for chunk in plan_chunks(tasks.tensors, chunk_elements):
+        sq = tasks.task_rows(tasks.read_rows(chunk)).square().sum(dim=1) / tasks.n_tasks  # (numel,)
+        rows = out[chunk.tensor]
+        if len(rows) == 1:  # a 1-D (or 0-D) tensor is one row
+            rows += sq.sum()
+        else:
+            rows[chunk.start : chunk.stop] += sq.view(chunk.stop - chunk.start, chunk.row_numel).sum(dim=1)
+    return out
 
 
 def output_sensitivity(

@@ -679,3 +679,45 @@ def calibration_forward(
             ev.reset()
 
     return forward
+
+
+def text_encoder_forward(
+    base_dir: str | Path, texts: Sequence[str], max_length: int = DEFAULT_MAX_LENGTH, batch_size: int = 32
+) -> Callable[[Mapping[str, torch.Tensor]], torch.Tensor]:
+    """Unit mean-pooled embeddings of ``texts`` by the encoder in ``base_dir`` (any ``AutoModel``
+    with a tokenizer) with a delta added to its weights, keyed by checkpoint-file tensor names:
+    the calibration outputs of ``tvbasis sensitivity``. The weights are restored after each call."""
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise TvbasisError("sensitivity: no calibration texts (give a file with one text per line)")
+    tokenizer, model = _load(base_dir)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with open_checkpoint(base_dir) as ckpt:
+        mapping = param_names(model, ckpt.names())
+    params = dict(model.named_parameters())
+    seqs = _tokenize(tokenizer, texts, max_length)
+    batches = [_pad(seqs[i : i + batch_size], tokenizer.pad_token_id or 0) for i in range(0, len(seqs), batch_size)]
+
+    def forward(delta: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        unknown = [k for k in delta if k not in mapping]
+        if unknown:
+            raise TvbasisError(
+                f"{base_dir}: tensor {unknown[0]!r} is not a parameter of its encoder (leave it out with --exclude)"
+            )
+        saved: dict[str, torch.Tensor] = {}
+        try:
+            with torch.no_grad():
+                for k, d in delta.items():
+                    param = params[mapping[k]]
+                    saved[k] = param.detach().clone()
+                    param.add_(d.to(param.dtype).reshape(param.shape))
+            with torch.inference_mode():
+                return torch.cat([embed(model, ids, mask) for ids, mask in batches])
+        finally:
+            with torch.no_grad():
+                for k, value in saved.items():
+                    params[mapping[k]].copy_(value)
+
+    return forward

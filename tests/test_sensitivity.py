@@ -1,0 +1,175 @@
+"""Per-tensor output sensitivity: its measurement, its file, and how the budget planner weighs errors by it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from common import write_family, write_large_family
+from tvbasis.build import build_store
+from tvbasis.cli import app
+from tvbasis.errors import TvbasisError
+from tvbasis.methods import make_method
+from tvbasis.planning.budget import estimate_plan, plan_budget, stats_from_store, tensor_weights
+from tvbasis.planning.sensitivity import (
+    load_sensitivity,
+    normalised_weights,
+    output_sensitivity,
+    row_energy,
+    save_sensitivity,
+)
+from tvbasis.tasks import TaskVectorSet
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+runner = CliRunner()
+
+
+def linear_forward(x: torch.Tensor, shapes: dict[str, tuple[int, ...]]):
+    """Outputs ``x @ W^T`` of a bias-free linear layer ``W`` (zero base) plus a tensor ``unused`` it ignores."""
+
+    def forward(delta):
+        assert set(delta) <= set(shapes)
+        w = delta.get("w", torch.zeros(shapes["w"]))
+        return x @ w.T
+
+    return forward
+
+
+def test_a_linear_layers_sensitivity_is_its_inputs_energy_per_input() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 8, generator=g) * torch.linspace(0.5, 2.0, 8)
+    shapes = {"w": (5, 8), "unused": (3, 3)}
+    got = output_sensitivity(linear_forward(x, shapes), shapes, repeats=200)
+    # E||e x||^2 / ||e||^2 = ||x||^2 / in for isotropic e: the mean over examples
+    expected = float(x.square().sum(dim=1).mean()) / 8
+    assert got["w"] == pytest.approx(expected, rel=0.1)
+    assert got["unused"] == 0.0
+    # twice the inputs move the outputs four times as far, and a linear map does not care how big the error is
+    doubled = output_sensitivity(linear_forward(2 * x, shapes), shapes, repeats=200)
+    assert doubled["w"] == pytest.approx(4 * got["w"], rel=1e-4)
+    small = output_sensitivity(linear_forward(x, shapes), shapes, repeats=200, relative=1e-3)
+    assert small["w"] == pytest.approx(got["w"], rel=1e-4)
+
+
+def test_the_profile_puts_the_error_on_the_rows_tasks_change() -> None:
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+    shapes = {"w": (5, 8)}
+
+    def row0_only(delta):
+        w = delta.get("w", torch.zeros(5, 8))
+        return x @ w[:1].T  # the outputs read row 0 only
+
+    on_row0 = torch.tensor([1.0, 0, 0, 0, 0], dtype=torch.float64)
+    assert output_sensitivity(row0_only, shapes, {"w": on_row0.roll(1)})["w"] == 0.0
+    assert output_sensitivity(row0_only, shapes, {"w": on_row0})["w"] > 0
+    assert output_sensitivity(row0_only, shapes, {"w": torch.zeros(5, dtype=torch.float64)})["w"] == 0.0
+    with pytest.raises(TvbasisError, match=r"'w'.*5 rows"):
+        output_sensitivity(row0_only, shapes, {"w": torch.ones(4)})
+    with pytest.raises(TvbasisError, match="no row profile"):
+        output_sensitivity(row0_only, shapes, {})
+    with pytest.raises(TvbasisError, match="--relative-error"):
+        output_sensitivity(row0_only, shapes, relative=0)
+
+
+def test_row_energy_is_the_tasks_mean_row_norm_whatever_the_chunks(tmp_path: Path) -> None:
+    fam = write_family(tmp_path, T=3)
+    tasks = TaskVectorSet(fam.base, fam.tasks, exclude=["head.*"])
+    got = row_energy(tasks)
+    for chunk_elements in (1, 7, 1 << 20):
+        again = row_energy(tasks, chunk_elements)
+        assert all(torch.allclose(again[k], got[k], rtol=1e-12, atol=0) for k in got)
+    for name in fam.names:
+        x = torch.stack([d[name] for d in fam.deltas]).double()
+        rows = x.reshape(3, x.shape[1], -1) if x.ndim >= 3 else x.reshape(3, 1, -1)
+        expected = rows.square().sum(dim=2).mean(dim=0)
+        assert torch.allclose(got[name], expected, rtol=1e-10), name
+
+
+def test_weights_are_normalised_by_the_tasks_energy() -> None:
+    energy = {"a": 3.0, "b": 1.0, "c": 0.0}
+    w = normalised_weights({"a": 2.0, "b": 10.0, "c": 5.0}, energy)
+    assert sum(w[n] * e for n, e in energy.items()) / sum(energy.values()) == pytest.approx(1.0)
+    assert w["b"] / w["a"] == pytest.approx(5.0)
+    with pytest.raises(TvbasisError, match="'c'"):
+        normalised_weights({"a": 1.0, "b": 1.0}, energy)
+    with pytest.raises(TvbasisError, match=r"'b'.*finite"):
+        normalised_weights({"a": 1.0, "b": -1.0, "c": 1.0}, energy)
+    with pytest.raises(TvbasisError, match="sensitivity 0"):
+        normalised_weights({"a": 0.0, "b": 0.0, "c": 1.0}, energy)
+
+
+def test_the_file_round_trips_and_bad_files_are_named(tmp_path: Path) -> None:
+    path = save_sensitivity(tmp_path / "s.json", {"a": 1.5, "b": 0.0}, {"texts": 3})
+    assert load_sensitivity(path) == {"a": 1.5, "b": 0.0}
+    with pytest.raises(TvbasisError, match="already exists"):
+        save_sensitivity(path, {"a": 1.0})
+    assert not list(tmp_path.glob("*.tmp-*"))
+    (tmp_path / "bad.json").write_text(json.dumps({"format": "other", "tensors": {}}))
+    with pytest.raises(TvbasisError, match=r"bad\.json: not a sensitivity file"):
+        load_sensitivity(tmp_path / "bad.json")
+    (tmp_path / "nan.json").write_text(json.dumps({"format": "tvbasis-sensitivity/1", "tensors": {"a": "x"}}))
+    with pytest.raises(TvbasisError, match="'a'"):
+        load_sensitivity(tmp_path / "nan.json")
+    with pytest.raises(TvbasisError, match="no such sensitivity file"):
+        load_sensitivity(tmp_path / "missing.json")
+
+
+@pytest.fixture(scope="module")
+def stats(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    fam = write_large_family(tmp_path_factory.mktemp("fam"), T=4)
+    path = tmp_path_factory.mktemp("stats") / "s"
+    build_store(fam.base, fam.tasks, make_method("pca", 1), path, exclude=["head.*"], tensor_stats=True)
+    return path, fam
+
+
+def _bytes_of(plan, tensor: str) -> int:
+    return next(c.nbytes for c in plan.choices if c.tensor == tensor)
+
+
+def test_the_planner_spends_bytes_where_error_moves_the_outputs(stats) -> None:
+    gram, grams, shapes, names = stats_from_store(stats[0])
+    plain = plan_budget(gram, grams, shapes, 0.3, task_names=names)
+    uniform = plan_budget(gram, grams, shapes, 0.3, task_names=names, sensitivity=dict.fromkeys(shapes, 7.0))
+    assert uniform.codes == plain.codes and uniform.weighted and not plain.weighted
+    assert uniform.loss == pytest.approx(plain.loss, rel=1e-12)
+    target = "big2.weight"
+    tilted = {n: 1000.0 if n == target else 1.0 for n in shapes}
+    weighted = plan_budget(gram, grams, shapes, 0.3, task_names=names, sensitivity=tilted)
+    assert weighted.nbytes <= 0.3 * weighted.original_bytes
+    assert _bytes_of(weighted, target) > _bytes_of(plain, target)
+    # the estimate of a given plan weighs its errors the same way
+    again = estimate_plan(gram, grams, shapes, weighted.codes, weighted.n_atoms, task_names=names, sensitivity=tilted)
+    assert np.allclose(again.task_loss(), weighted.task_loss(), rtol=1e-9)
+    weights = tensor_weights(grams, tilted)
+    assert weights is not None and weights[target] > 1 > weights["embed.weight"]
+    with pytest.raises(TvbasisError, match="no figure for tensor"):
+        plan_budget(gram, grams, shapes, 0.3, sensitivity={target: 1.0})
+
+
+def test_cli_plan_and_build_with_a_sensitivity_file(stats, tmp_path: Path) -> None:
+    path, fam = stats
+    shapes = stats_from_store(path)[2]
+    good = save_sensitivity(tmp_path / "good.json", {n: 1.0 + i for i, n in enumerate(shapes)})
+    res = runner.invoke(app, ["plan", str(path), "--budget", "0.2", "--json", "--sensitivity", str(good)])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["sensitivity_weighted"] is True
+    res = runner.invoke(app, ["plan", str(path), "--budget", "0.2", "--sensitivity", str(good)])
+    assert res.exit_code == 0 and "output sensitivity" in res.output
+    partial = save_sensitivity(tmp_path / "partial.json", {"embed.weight": 1.0})
+    res = runner.invoke(app, ["plan", str(path), "--budget", "0.2", "--sensitivity", str(partial)])
+    assert res.exit_code == 2 and "no figure for tensor" in res.output
+    res = runner.invoke(app, ["plan", str(path), "--sensitivity", str(good)])
+    assert res.exit_code == 2 and "--budget only" in res.output
+    tasks = [a for t in fam.tasks for a in ("--task", f"{t.name}={t.path}")]
+    args = ["build", "--base", str(fam.base), *tasks, "--exclude", "head.*", "-q"]
+    res = runner.invoke(app, [*args, "--budget", "0.2", "--sensitivity", str(good), "--out", str(tmp_path / "s")])
+    assert res.exit_code == 0, res.output
+    info = json.loads(runner.invoke(app, ["info", str(tmp_path / "s"), "--json"]).output)
+    assert info["bytes"]["ratio"] <= 0.2
+    res = runner.invoke(app, [*args, "--budget", "0.2", "--sensitivity", str(partial), "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "no figure for tensor" in res.output and not (tmp_path / "x").exists()
