@@ -41,7 +41,7 @@ from tvbasis.store import Store, open_store
 from tvbasis.store.residuals import CodePlan, TensorCode, uniform_plan
 from tvbasis.tasks import TaskSource, TaskVectorSet
 from tvbasis.textsuite.data import TASK_NAMES, load_task
-from tvbasis.textsuite.model import Evaluator, calibration_forward, finetune_cached, minilm_path
+from tvbasis.textsuite.model import Evaluator, finetune_cached, minilm_path, text_encoder_forward
 from tvbasis.textsuite.presets import default_cache
 from tvbasis.textsuite.suite import SuiteConfig, task_vector
 
@@ -221,11 +221,12 @@ def ensure_sensitivity(plan_store: Path, suite: TextSuite) -> None:
     path = sensitivity_path(plan_store)
     if path.exists():
         return
+    t0 = time.perf_counter()
     tasks = TaskVectorSet(suite.base, suite.sources)
     profile = row_energy(tasks)
-    shapes = {i.name: tuple(i.shape) for i in tasks.tensors}
-    t0 = time.perf_counter()
-    figures = output_sensitivity(calibration_forward(suite.ev), shapes, profile)
+    texts = [e.text for n in suite.names for e in suite.ev.tasks[n].train[:32]]
+    forward = text_encoder_forward(suite.base, texts, suite.ev.max_length)
+    figures = output_sensitivity(forward, {i.name: tuple(i.shape) for i in tasks.tensors}, profile)
     meta = {"calibration": "32 training examples per task", "seconds": time.perf_counter() - t0}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_sensitivity(path, figures, meta)

@@ -941,11 +941,8 @@ def sensitivity_command(
     exclude: Annotated[list[str] | None, typer.Option(help="Leave out tensors matching this glob.")] = None,
     limit: Annotated[int, typer.Option(help="Use at most this many texts.")] = 256,
     max_length: Annotated[int, typer.Option(help="Tokens per text at most.")] = 128,
-    relative_error: Annotated[
-        float, typer.Option(help="Error's squared norm per tensor, relative to the tasks' mean energy there.")
-    ] = 0.05,
-    repeats: Annotated[int, typer.Option(help="Random errors per tensor (their shifts are averaged).")] = 1,
-    seed: Annotated[int, typer.Option(help="Seed of the random errors.")] = 0,
+    probes: Annotated[int, typer.Option(help="Random output directions averaged over (one backward pass each).")] = 8,
+    seed: Annotated[int, typer.Option(help="Seed of the random directions.")] = 0,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -981,13 +978,12 @@ def sensitivity_command(
                 shapes = {i.name: tuple(i.shape) for i in select_tensors(ckpt.infos(), include or [], exclude or [])}
             profile = None
         t0 = time.perf_counter()
-        figures = output_sensitivity(forward, shapes, profile, relative=relative_error, repeats=repeats, seed=seed)
+        figures = output_sensitivity(forward, shapes, profile, probes=probes, seed=seed)
         meta = {
             "base": str(base),
             "texts": len(lines),
             "tasks": [parse_task_arg(t).name for t in task or []],
-            "relative_error": relative_error,
-            "repeats": repeats,
+            "probes": probes,
             "seed": seed,
             "seconds": round(time.perf_counter() - t0, 2),
         }

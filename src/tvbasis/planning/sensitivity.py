@@ -7,12 +7,12 @@ and in the 1-D tensors (norms, biases) about 40 times (docs/frontier.md). A *sen
 tensor, measured once on a small calibration batch, lets the planner weigh each tensor's error
 by what it does to the outputs.
 
-Measurement: for each tensor, add random error shaped like a code's error on the task vectors
-(Gaussian, each row scaled by the task vectors' root mean square on that row, as row-local
-codes with per-row scales err), run the model on the calibration inputs, and divide the mean
-squared shift of its outputs by the error's squared norm. The linearisation point is the base
-model; the error is small (``relative`` of the tasks' mean energy in that tensor) so the shift
-is in its linear regime. One forward pass per tensor and repeat.
+Measurement: the expected mean squared shift of the model's outputs on the calibration inputs
+under random error shaped like a code's error on the task vectors (each row's variance in
+proportion to the tasks' energy on that row, as row-local codes with per-row scales err),
+divided by the error's squared norm, to first order at the base model. It needs the outputs'
+Jacobian only through a few random projections: one forward pass and one backward pass per
+probe give every tensor's figure at once (``output_sensitivity``).
 
 The result is a plain ``{tensor: shift per unit squared error}`` mapping, saved as JSON; the
 planner rescales it (``normalised_weights``) so that an error spread like the tasks' energy
@@ -27,7 +27,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from tvbasis.codes.core import row_view_shape
@@ -42,8 +41,8 @@ if TYPE_CHECKING:
 #: ``(examples, features)``.
 Forward = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
 
-#: The error's squared norm per tensor, relative to the tasks' mean squared norm there.
-DEFAULT_RELATIVE_ERROR = 0.05
+#: Random output directions (one backward pass each) the expectation is averaged over.
+DEFAULT_PROBES = 8
 FORMAT = "tvbasis-sensitivity/1"
 
 
@@ -68,56 +67,61 @@ def output_sensitivity(
     shapes: Mapping[str, Sequence[int]],
     profile: Mapping[str, torch.Tensor] | None = None,
     *,
-    relative: float = DEFAULT_RELATIVE_ERROR,
-    repeats: int = 1,
+    probes: int = DEFAULT_PROBES,
     seed: int = 0,
 ) -> dict[str, float]:
-    """Per tensor of ``shapes``, the mean squared output shift per unit squared weight error.
+    """Per tensor of ``shapes``, the expected mean squared output shift per unit squared weight
+    error, for random error shaped by ``profile`` (``row_energy`` of the task vectors: each row's
+    variance in proportion to its energy) or isotropic without one.
 
-    ``profile`` (``row_energy`` of the task vectors) shapes the error's rows and sets its size to
-    ``relative`` times the tensor's row energy; without it the error is isotropic with squared
-    norm ``relative`` times the tensor's size. Tensors whose profile is all zero (no task changes
-    them) get 0: the planner never charges error there.
+    For error ``e`` with diagonal covariance ``D`` the expected shift is ``tr(J D J^T)`` (``J``
+    the outputs' Jacobian in that tensor), which is ``E_u[g^T D g]`` with ``g = J^T u`` for
+    Gaussian ``u`` over the outputs: one backward pass per probe ``u`` gives ``g`` for every
+    tensor at once. Tensors whose profile is all zero (no task changes them) get 0: the planner
+    charges no error there, as it has none.
     """
-    if relative <= 0 or not math.isfinite(relative):
-        raise TvbasisError(f"--relative-error {relative}: must be positive")
-    if repeats < 1:
-        raise TvbasisError(f"--repeats {repeats}: must be at least 1")
-    with torch.no_grad():
-        reference = forward({}).to(torch.float64)
-    if reference.ndim != 2 or not reference.shape[0]:
-        shape = tuple(reference.shape)
-        raise TvbasisError(f"sensitivity: the model's outputs must be (examples, features), got {shape}")
-    g = torch.Generator().manual_seed(seed)
-    out: dict[str, float] = {}
-    bar = progress(len(shapes), "sensitivity", unit="tensor")
-    for name in shapes:
-        bar.update()
-        shape = tuple(int(s) for s in shapes[name])
-        rows, row_numel = row_view_shape(shape)
+    if probes < 1:
+        raise TvbasisError(f"--probes {probes}: must be at least 1")
+    names = list(shapes)
+    scales: dict[str, torch.Tensor] = {}  # per row: the error's variance per entry (up to a constant)
+    for name in names:
+        rows, row_numel = row_view_shape(tuple(int(s) for s in shapes[name]))
         if profile is None:
-            row_scale = torch.ones(rows, dtype=torch.float64)
-        else:
-            if name not in profile:
-                raise TvbasisError(f"sensitivity: tensor {name!r} has no row profile")
-            energy = profile[name].to(torch.float64)
-            if tuple(energy.shape) != (rows,):
-                got = tuple(energy.shape)
-                raise TvbasisError(f"sensitivity: tensor {name!r}: a row profile of {rows} rows, got {got}")
-            if float(energy.sum()) <= 0:
-                out[name] = 0.0
-                continue
-            row_scale = (energy / row_numel).sqrt()
-        shifts = []
-        for _ in range(repeats):
-            noise = torch.randn((rows, row_numel), generator=g, dtype=torch.float64) * row_scale[:, None]
-            target = relative * (float(energy.sum()) if profile is not None else rows * row_numel)
-            noise *= math.sqrt(target / max(float(noise.square().sum()), 1e-300))
-            with torch.no_grad():
-                moved = forward({name: noise.reshape(shape).to(torch.float32)}).to(torch.float64)
-            shifts.append(float((moved - reference).square().sum(dim=1).mean()) / target)
-        out[name] = float(np.mean(shifts))
-    bar.close()
+            scales[name] = torch.ones(rows, dtype=torch.float64)
+            continue
+        if name not in profile:
+            raise TvbasisError(f"sensitivity: tensor {name!r} has no row profile")
+        energy = profile[name].to(torch.float64)
+        if tuple(energy.shape) != (rows,):
+            got = tuple(energy.shape)
+            raise TvbasisError(f"sensitivity: tensor {name!r}: a row profile of {rows} rows, got {got}")
+        scales[name] = energy / row_numel
+    deltas = {n: torch.zeros(tuple(shapes[n]), requires_grad=True) for n in names}
+    with torch.enable_grad():
+        outputs = forward(deltas)
+        if outputs.ndim != 2 or not outputs.shape[0]:
+            shape = tuple(outputs.shape)
+            raise TvbasisError(f"sensitivity: the model's outputs must be (examples, features), got {shape}")
+        g = torch.Generator().manual_seed(seed)
+        total = dict.fromkeys(names, 0.0)
+        bar = progress(probes, "sensitivity", unit="probe")
+        for k in range(probes):
+            u = torch.randn(outputs.shape, generator=g, dtype=outputs.dtype)
+            grads = torch.autograd.grad(
+                outputs, [deltas[n] for n in names], u, retain_graph=k < probes - 1, allow_unused=True
+            )
+            for name, grad in zip(names, grads, strict=True):
+                if grad is not None:
+                    rows_sq = grad.detach().to(torch.float64).reshape(len(scales[name]), -1).square().sum(dim=1)
+                    total[name] += float((scales[name] * rows_sq).sum())
+            bar.update()
+        bar.close()
+    n_examples = outputs.shape[0]
+    out = {}
+    for name in names:
+        row_numel = row_view_shape(tuple(int(s) for s in shapes[name]))[1]
+        error_energy = float(scales[name].sum()) * row_numel
+        out[name] = total[name] / probes / error_energy / n_examples if error_energy > 0 else 0.0
     return out
 
 

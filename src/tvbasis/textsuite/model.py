@@ -663,30 +663,13 @@ class Evaluator:
         return {name: self.accuracy(name, split, limit) for name in self.tasks}
 
 
-def calibration_forward(
-    ev: Evaluator, split: str = "train", limit: int = 32
-) -> Callable[[Mapping[str, torch.Tensor]], torch.Tensor]:
-    """The encoder's unit embeddings of every task's first ``limit`` examples of ``split``, with a
-    delta added to the base weights: the outputs ``planning.sensitivity`` measures shifts of.
-    The training split by default, so that no example that chooses or scores an edit is seen."""
-    names = list(ev.tasks)
-
-    def forward(delta: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        ev.set_task_vector(delta)
-        try:
-            return torch.cat([ev.embeddings(n, split, limit) for n in names])
-        finally:
-            ev.reset()
-
-    return forward
-
-
 def text_encoder_forward(
     base_dir: str | Path, texts: Sequence[str], max_length: int = DEFAULT_MAX_LENGTH, batch_size: int = 32
 ) -> Callable[[Mapping[str, torch.Tensor]], torch.Tensor]:
     """Unit mean-pooled embeddings of ``texts`` by the encoder in ``base_dir`` (any ``AutoModel``
-    with a tokenizer) with a delta added to its weights, keyed by checkpoint-file tensor names:
-    the calibration outputs of ``tvbasis sensitivity``. The weights are restored after each call."""
+    with a tokenizer) with a delta added to its weights, keyed by checkpoint-file tensor names and
+    differentiable in it: the calibration outputs of ``tvbasis sensitivity``. The model's own
+    weights are never changed."""
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise TvbasisError("sensitivity: no calibration texts (give a file with one text per line)")
@@ -706,18 +689,13 @@ def text_encoder_forward(
             raise TvbasisError(
                 f"{base_dir}: tensor {unknown[0]!r} is not a parameter of its encoder (leave it out with --exclude)"
             )
-        saved: dict[str, torch.Tensor] = {}
-        try:
-            with torch.no_grad():
-                for k, d in delta.items():
-                    param = params[mapping[k]]
-                    saved[k] = param.detach().clone()
-                    param.add_(d.to(param.dtype).reshape(param.shape))
-            with torch.inference_mode():
-                return torch.cat([embed(model, ids, mask) for ids, mask in batches])
-        finally:
-            with torch.no_grad():
-                for k, value in saved.items():
-                    params[mapping[k]].copy_(value)
+        weights = {mapping[k]: params[mapping[k]] + d.to(params[mapping[k]].dtype) for k, d in delta.items()}
+        outs = []
+        for ids, mask in batches:
+            hidden = torch.func.functional_call(
+                model, weights, (), {"input_ids": ids, "attention_mask": mask}, strict=False
+            ).last_hidden_state
+            outs.append(F.normalize(mean_pool(hidden, mask), dim=-1))
+        return torch.cat(outs)
 
     return forward
