@@ -20,6 +20,7 @@ import numpy as np
 from tvbasis.codes import parse_code
 from tvbasis.evaluation.protocol import LAMBDA_GRID
 from tvbasis.planning.budget import DEFAULT_NOISE_WEIGHT, estimate_plan, stats_from_store
+from tvbasis.planning.sensitivity import load_sensitivity
 from tvbasis.store.residuals import CodePlan, TensorCode
 
 NOISE_WEIGHTS = (0.0, 1 / 1024, 1 / 256, 1 / 64, 1 / 16, 1 / 4, 1.0)
@@ -89,10 +90,20 @@ def proxy_check(out: Path, groups: dict[str, list[dict[str, Any]]]) -> tuple[lis
     for k in labels:
         plan, m = single_code_plan(singles[k][0]["config"])
         estimates[k] = estimate_plan(gram, grams, shapes, plan, m, task_names=names)
-    for nu in NOISE_WEIGHTS:
-        loss = np.array([float((e.task_bias() + nu * e.task_variance()).mean()) for e in estimates.values()])
-        worst = np.array([float((e.task_bias() + nu * e.task_variance()).max()) for e in estimates.values()])
+    # the same estimates with each tensor weighted by its output sensitivity, where it was measured
+    weighted = {}
+    if (out / "stores" / "sensitivity.json").exists():
+        sensitivity = load_sensitivity(out / "stores" / "sensitivity.json")
+        for k in labels:
+            plan, m = single_code_plan(singles[k][0]["config"])
+            weighted[k] = estimate_plan(gram, grams, shapes, plan, m, task_names=names, sensitivity=sensitivity)
+    variants = [(nu, estimates, False) for nu in NOISE_WEIGHTS]
+    variants += [(nu, weighted, True) for nu in NOISE_WEIGHTS if weighted and nu <= DEFAULT_NOISE_WEIGHT]
+    for nu, chosen, is_weighted in variants:
+        loss = np.array([float((e.task_bias() + nu * e.task_variance()).mean()) for e in chosen.values()])
+        worst = np.array([float((e.task_bias() + nu * e.task_variance()).max()) for e in chosen.values()])
         row = {
+            "sensitivity": is_weighted,
             "noise_weight": nu,
             "gain": spearman(-loss, gain),
             "gain_min": spearman(-worst, gain_min),
@@ -114,6 +125,7 @@ def proxy_check(out: Path, groups: dict[str, list[dict[str, Any]]]) -> tuple[lis
     for row in table:
         nu = row["noise_weight"]
         name = "0" if nu == 0 else ("1 (plain squared error)" if nu == 1 else f"1/{round(1 / nu)}")
+        name += ", sensitivity-weighted" if row["sensitivity"] else ""
         lines.append(
             f"| {name} | {row['gain']:.2f} | {row['gain_min']:.2f} | {row['negation_min']:.2f} "
             f"| {row['negation_mean']:.2f} |"

@@ -2,8 +2,10 @@
 
 Times, in one run: ``plan_budget`` from a statistics store (cold: the codes' calibration on
 Gaussian rows included, then warm), the Gram pass that gathers the per-tensor statistics, and
-``build --budget`` from those statistics (atom and residual passes). Prints each as a ratio to
-the build's time.
+``build --budget`` from those statistics (atom and residual passes), and the per-tensor output
+sensitivity a ``--sensitivity`` plan reads (``tvbasis sensitivity``: the fine-tunes' row energies
+in one streamed pass, then 8 probes on 32 training texts per task; measured once per base model
+and set of tasks, and reused by every plan). Prints each as a ratio to the build's time.
 
     .venv/bin/python benchmarks/plan_cost.py [--budget 0.0156] [--out runs/plan-cost]
 """
@@ -19,9 +21,10 @@ from pathlib import Path
 from tvbasis.build import build_store
 from tvbasis.methods import make_method
 from tvbasis.planning import budget as planner
-from tvbasis.tasks import TaskSource
+from tvbasis.planning.sensitivity import output_sensitivity, row_energy
+from tvbasis.tasks import TaskSource, TaskVectorSet
 from tvbasis.textsuite.data import TASK_NAMES, load_task
-from tvbasis.textsuite.model import finetune_cached, minilm_path
+from tvbasis.textsuite.model import DEFAULT_MAX_LENGTH, finetune_cached, minilm_path, text_encoder_forward
 from tvbasis.textsuite.presets import default_cache
 
 
@@ -33,9 +36,8 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args.out.mkdir(parents=True, exist_ok=True)
     base = minilm_path()
-    sources = [
-        TaskSource(t.name, finetune_cached(base, t, default_cache() / "finetunes")) for t in map(load_task, TASK_NAMES)
-    ]
+    tasks = [load_task(n) for n in TASK_NAMES]
+    sources = [TaskSource(t.name, finetune_cached(base, t, default_cache() / "finetunes")) for t in tasks]
     t0 = time.perf_counter()
     build_store(base, sources, make_method("pca", 1), args.out / "stats", overwrite=True, tensor_stats=True)
     stats_s = time.perf_counter() - t0
@@ -47,6 +49,17 @@ def main() -> None:
     t0 = time.perf_counter()
     plan = planner.plan_budget(gram, grams, shapes, args.budget, task_names=names, nonzero_rows=counts)
     warm = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    tvs = TaskVectorSet(base, sources)
+    texts = [e.text for t in tasks for e in t.train[:32]]
+    forward = text_encoder_forward(base, texts, DEFAULT_MAX_LENGTH)
+    sensitivity = output_sensitivity(forward, {i.name: tuple(i.shape) for i in tvs.tensors}, row_energy(tvs))
+    sensitivity_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    planner.plan_budget(
+        gram, grams, shapes, args.budget, task_names=names, nonzero_rows=counts, sensitivity=sensitivity
+    )
+    weighted = time.perf_counter() - t0
     t0 = time.perf_counter()
     store = planner.build_for_budget(
         base, sources, args.out / "built", args.budget, stats_store=args.out / "stats", overwrite=True
@@ -60,6 +73,11 @@ def main() -> None:
     print(f"Gram pass with per-tensor statistics (+ a pca M=1 store): {stats_s:.1f} s = {stats_s / build_s:.3f}")
     print(f"planning, cold (code calibration included): {cold:.2f} s = {cold / build_s:.3f}")
     print(f"planning, warm: {warm:.2f} s = {warm / build_s:.3f}")
+    print(
+        f"output sensitivity ({len(texts)} texts, 8 probes; once per base and tasks): {sensitivity_s:.1f} s "
+        f"= {sensitivity_s / build_s:.3f}"
+    )
+    print(f"planning with it, warm: {weighted:.2f} s = {weighted / build_s:.3f}")
     shutil.rmtree(args.out / "built", ignore_errors=True)
 
 

@@ -342,6 +342,9 @@ def test_sensitivity_command_on_a_real_encoder(small: Path, finetuned: Path, tmp
     assert figures and all(v >= 0 for v in figures.values())
     # error in a norm's few entries reaches every token: far more per unit than in a matrix
     assert min(layer_norm) > 0 and np.median(layer_norm) > 10 * np.median(matrices)
+    # a key bias adds the same logit to every key of a query: softmax does not see it
+    key_bias = [v for k, v in figures.items() if k.endswith("attention.self.key.bias")]
+    assert key_bias and max(key_bias) < 1e-9 * np.median(matrices)
     meta = json.loads((tmp_path / "s.json").read_text())["meta"]
     assert meta["texts"] == 12 and meta["tasks"] == ["toy"]
     # the forward restores the weights it perturbs: the same call measures the same figures

@@ -13,7 +13,9 @@ random error costs far less accuracy than the same energy of biased error. The p
 therefore charges each task ``bias_t / ||tau_t||^2 + noise_weight * variance_t / ||tau_t||^2``
 and minimises the mean over tasks; ``noise_weight`` (default 1/256) says how much less an
 unbiased error hurts. ``benchmarks/frontier.py`` checks the resulting ranking of codes against
-measured gain and negation on the text suite.
+measured gain and negation on the text suite. With ``sensitivity`` (``planning.sensitivity``)
+each tensor's bias and variance are further weighted by how far a unit of error there moves the
+model's outputs.
 
 **Search.** One candidate per tensor under a byte budget is a multiple-choice knapsack; a
 Lagrange multiplier ``mu`` on bytes makes it separable (each tensor takes
