@@ -37,8 +37,8 @@ from tvbasis.progress import progress
 if TYPE_CHECKING:
     from tvbasis.tasks import TaskVectorSet
 
-#: A model's outputs on the calibration inputs with ``delta`` added to its (base) weights:
-#: ``(examples, features)``.
+#: A model's outputs on the calibration inputs with ``delta`` added to its (base) weights,
+#: ``(examples, features)``, differentiable in ``delta`` (which names every measured tensor).
 Forward = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
 
 #: Random output directions (one backward pass each) the expectation is averaged over.
