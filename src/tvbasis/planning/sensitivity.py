@@ -84,10 +84,12 @@ def output_sensitivity(
         raise TvbasisError(f"--probes {probes}: must be at least 1")
     names = list(shapes)
     scales: dict[str, torch.Tensor] = {}  # per row: the error's variance per entry (up to a constant)
+    error_energy: dict[str, float] = {}  # the error's expected squared norm under those variances
     for name in names:
         rows, row_numel = row_view_shape(tuple(int(s) for s in shapes[name]))
         if profile is None:
             scales[name] = torch.ones(rows, dtype=torch.float64)
+            error_energy[name] = float(rows * row_numel)
             continue
         if name not in profile:
             raise TvbasisError(f"sensitivity: tensor {name!r} has no row profile")
@@ -96,6 +98,7 @@ def output_sensitivity(
             got = tuple(energy.shape)
             raise TvbasisError(f"sensitivity: tensor {name!r}: a row profile of {rows} rows, got {got}")
         scales[name] = energy / row_numel
+        error_energy[name] = float(energy.sum())
     deltas = {n: torch.zeros(tuple(shapes[n]), requires_grad=True) for n in names}
     with torch.enable_grad():
         outputs = forward(deltas)
@@ -117,12 +120,7 @@ def output_sensitivity(
             bar.update()
         bar.close()
     n_examples = outputs.shape[0]
-    out = {}
-    for name in names:
-        row_numel = row_view_shape(tuple(int(s) for s in shapes[name]))[1]
-        error_energy = float(scales[name].sum()) * row_numel
-        out[name] = total[name] / probes / error_energy / n_examples if error_energy > 0 else 0.0
-    return out
+    return {n: total[n] / probes / error_energy[n] / n_examples if error_energy[n] > 0 else 0.0 for n in names}
 
 
 def normalised_weights(sensitivity: Mapping[str, float], tensor_energy: Mapping[str, float]) -> dict[str, float]:
