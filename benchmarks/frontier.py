@@ -75,6 +75,8 @@ UNLABELLED_NOISE_WEIGHT = 1 / 64
 #: Per-tensor atom codes the planner may use, for rows whose config names none (they were planned
 #: before int4 atoms existed); ``--tensor-atom-codes`` records others in the config and label.
 UNLABELLED_TENSOR_ATOM_CODES = ("int8",)
+#: The sensitivity calibration (training texts per task x probes) the unlabelled rows were measured with.
+REFERENCE_CALIBRATION = "32x8"
 #: Residual codes the planner may use, for rows whose config names no sr2 clips (they were
 #: planned before ``keep:...:sr2`` existed); ``--sr2-clips`` adds the default sr2 codes with those
 #: clips (rows saying ``sr2_codes`` were planned with clip 2 only).
@@ -104,6 +106,7 @@ def configurations(
     sr2_clips: tuple[float, ...] = (),
     rsign: bool = False,
     sensitivity: bool = False,
+    calibration: str | None = None,
 ) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     if "single" in kinds:
@@ -139,6 +142,9 @@ def configurations(
             if sensitivity:
                 label += ", sensitivity"
                 extra["sensitivity"] = True
+                if calibration and calibration != REFERENCE_CALIBRATION:
+                    label += f" {calibration}"
+                    extra["sensitivity_calibration"] = calibration
             for seed in seeds:
                 out.append({"label": label, "kind": "planned", "budget": budget, "seed": seed, **extra})
     return out
@@ -163,6 +169,13 @@ def add_planner_arguments(ap: argparse.ArgumentParser) -> None:
         action="store_true",
         help="weigh each tensor's error by its output sensitivity (sensitivity.json beside the stats store; labelled)",
     )
+    ap.add_argument(
+        "--sensitivity-calibration",
+        default=REFERENCE_CALIBRATION,
+        metavar="TEXTSxPROBES",
+        help=f"--sensitivity measured on TEXTS training texts per task with PROBES probes "
+        f"(default {REFERENCE_CALIBRATION}; others labelled and kept in their own file)",
+    )
 
 
 def configurations_of(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -178,6 +191,7 @@ def configurations_of(args: argparse.Namespace) -> list[dict[str, Any]]:
         tuple(args.sr2_clips) if args.sr2_clips else (2.0,) if args.sr2_codes else (),
         args.rsign,
         args.sensitivity,
+        args.sensitivity_calibration,
     )
 
 
@@ -205,29 +219,47 @@ def build_config(cfg: dict[str, Any], base: Path, sources: list[TaskSource], pat
         tensor_atom_codes=tuple(cfg.get("tensor_atom_codes", UNLABELLED_TENSOR_ATOM_CODES)),
         row_codes=cfg.get("row_codes", False),
         codes=planner_codes(cfg),
-        sensitivity=load_sensitivity(sensitivity_path(plan_store)) if cfg.get("sensitivity") else None,
+        sensitivity=(
+            load_sensitivity(sensitivity_path(plan_store, cfg.get("sensitivity_calibration", REFERENCE_CALIBRATION)))
+            if cfg.get("sensitivity")
+            else None
+        ),
     )
 
 
-def sensitivity_path(plan_store: Path) -> Path:
+def parse_calibration(calibration: str) -> tuple[int, int]:
+    """``"TEXTSxPROBES"`` as (training texts per task, probes)."""
+    texts, _, probes = calibration.partition("x")
+    if not (texts.isdigit() and probes.isdigit() and int(texts) > 0 and int(probes) > 0):
+        raise SystemExit(f"--sensitivity-calibration {calibration!r}: give TEXTSxPROBES, e.g. 16x1")
+    return int(texts), int(probes)
+
+
+def sensitivity_path(plan_store: Path, calibration: str = REFERENCE_CALIBRATION) -> Path:
     """Where the text suite's per-tensor output sensitivity is kept, beside the statistics store."""
-    return plan_store.parent / "sensitivity.json"
+    suffix = "" if calibration == REFERENCE_CALIBRATION else f"-{calibration}"
+    return plan_store.parent / f"sensitivity{suffix}.json"
 
 
-def ensure_sensitivity(plan_store: Path, suite: TextSuite) -> None:
+def ensure_sensitivity(plan_store: Path, suite: TextSuite, calibration: str = REFERENCE_CALIBRATION) -> None:
     """The text suite's per-tensor output sensitivity (``planning.sensitivity``), measured once:
-    the encoder's embeddings of the first 32 training examples of each task, the error shaped by
-    the eight task vectors' rows."""
-    path = sensitivity_path(plan_store)
+    the encoder's embeddings of the first TEXTS training examples of each task under PROBES random
+    probes (``calibration``), the error shaped by the eight task vectors' rows."""
+    per_task, probes = parse_calibration(calibration)
+    path = sensitivity_path(plan_store, calibration)
     if path.exists():
         return
     t0 = time.perf_counter()
     tasks = TaskVectorSet(suite.base, suite.sources)
     profile = row_energy(tasks)
-    texts = [e.text for n in suite.names for e in suite.ev.tasks[n].train[:32]]
+    texts = [e.text for n in suite.names for e in suite.ev.tasks[n].train[:per_task]]
     forward = text_encoder_forward(suite.base, texts, suite.ev.max_length)
-    figures = output_sensitivity(forward, {i.name: tuple(i.shape) for i in tasks.tensors}, profile)
-    meta = {"calibration": "32 training examples per task", "seconds": time.perf_counter() - t0}
+    shapes = {i.name: tuple(i.shape) for i in tasks.tensors}
+    figures = output_sensitivity(forward, shapes, profile, probes=probes)
+    meta = {
+        "calibration": f"{per_task} training examples per task, {probes} probes",
+        "seconds": time.perf_counter() - t0,
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     save_sensitivity(path, figures, meta)
     print(f"sensitivity of {len(figures)} tensors measured in {meta['seconds']:.1f} s -> {path}", flush=True)
@@ -446,7 +478,7 @@ def main() -> None:
     if "planned" in args.configs:
         ensure_stats_store(plan_store, base, sources)
         if args.sensitivity:
-            ensure_sensitivity(plan_store, suite)
+            ensure_sensitivity(plan_store, suite, args.sensitivity_calibration)
     if args.backfill_matched:
         backfill_matched(results_path, args, base, sources, plan_store, ev, names, ref, limits, log)
         return

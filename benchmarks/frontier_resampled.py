@@ -292,7 +292,7 @@ def main() -> None:
     if "planned" in args.configs:
         ensure_stats_store(plan_store, base, sources)
         if args.sensitivity:
-            ensure_sensitivity(plan_store, suite)
+            ensure_sensitivity(plan_store, suite, args.sensitivity_calibration)
     for cfg in configurations_of(args):
         if key(cfg) in done or (args.only and cfg["label"] not in args.only):
             continue

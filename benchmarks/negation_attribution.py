@@ -113,7 +113,7 @@ def main() -> None:
     plan_store = args.out / "stores" / "stats"
     ensure_stats_store(plan_store, suite.base, suite.sources)
     if args.sensitivity:
-        ensure_sensitivity(plan_store, suite)
+        ensure_sensitivity(plan_store, suite, args.sensitivity_calibration)
     for cfg in configurations_of(args):
         t0 = time.perf_counter()
         store = open_or_build(cfg, suite, args.out, plan_store)
@@ -160,7 +160,7 @@ def print_shifts(
     plan_store = args.out / "stores" / "stats"
     ensure_stats_store(plan_store, suite.base, suite.sources)
     if args.sensitivity:
-        ensure_sensitivity(plan_store, suite)
+        ensure_sensitivity(plan_store, suite, args.sensitivity_calibration)
     for cfg in configurations_of(args):
         store = open_or_build(cfg, suite, args.out, plan_store)
         delta = runner.store_delta(store, task_weights(names, negate=[args.target]))

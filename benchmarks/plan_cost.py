@@ -4,8 +4,11 @@ Times, in one run: ``plan_budget`` from a statistics store (cold: the codes' cal
 Gaussian rows included, then warm), the Gram pass that gathers the per-tensor statistics, and
 ``build --budget`` from those statistics (atom and residual passes), and the per-tensor output
 sensitivity a ``--sensitivity`` plan reads (``tvbasis sensitivity``: the fine-tunes' row energies
-in one streamed pass, then 8 probes on 32 training texts per task; measured once per base model
-and set of tasks, and reused by every plan). Prints each as a ratio to the build's time.
+in one streamed pass, then random probes on training texts; measured once per base model and set
+of tasks, and reused by every plan). The sensitivity is measured twice: with the default
+calibration (16 texts per task, one probe) and with the one the frontier benchmarks use (32 texts
+per task, eight probes); the default's plans at 1/64 and 1/256 of the bytes are then judged by the
+reference's figures against the reference's own plans. Prints each time as a ratio to the build's.
 
     .venv/bin/python benchmarks/plan_cost.py [--budget 0.0156] [--out runs/plan-cost]
 """
@@ -21,7 +24,7 @@ from pathlib import Path
 from tvbasis.build import build_store
 from tvbasis.methods import make_method
 from tvbasis.planning import budget as planner
-from tvbasis.planning.sensitivity import output_sensitivity, row_energy
+from tvbasis.planning.sensitivity import DEFAULT_PROBES, DEFAULT_TEXTS, output_sensitivity, row_energy
 from tvbasis.tasks import TaskSource, TaskVectorSet
 from tvbasis.textsuite.data import TASK_NAMES, load_task
 from tvbasis.textsuite.model import DEFAULT_MAX_LENGTH, finetune_cached, minilm_path, text_encoder_forward
@@ -49,17 +52,41 @@ def main() -> None:
     t0 = time.perf_counter()
     plan = planner.plan_budget(gram, grams, shapes, args.budget, task_names=names, nonzero_rows=counts)
     warm = time.perf_counter() - t0
-    t0 = time.perf_counter()
     tvs = TaskVectorSet(base, sources)
-    texts = [e.text for t in tasks for e in t.train[:32]]
-    forward = text_encoder_forward(base, texts, DEFAULT_MAX_LENGTH)
-    sensitivity = output_sensitivity(forward, {i.name: tuple(i.shape) for i in tvs.tensors}, row_energy(tvs))
-    sensitivity_s = time.perf_counter() - t0
+    shapes_of = {i.name: tuple(i.shape) for i in tvs.tensors}
+
+    def measure(per_task: int, probes: int) -> tuple[dict[str, float], float]:
+        t0 = time.perf_counter()
+        texts = [e.text for t in tasks for e in t.train[:per_task]]
+        forward = text_encoder_forward(base, texts, DEFAULT_MAX_LENGTH)
+        figures = output_sensitivity(forward, shapes_of, row_energy(tvs), probes=probes)
+        return figures, time.perf_counter() - t0
+
+    default_texts = DEFAULT_TEXTS // len(tasks)
+    sensitivity, sensitivity_s = measure(default_texts, DEFAULT_PROBES)
+    reference, reference_s = measure(32, 8)
     t0 = time.perf_counter()
     planner.plan_budget(
         gram, grams, shapes, args.budget, task_names=names, nonzero_rows=counts, sensitivity=sensitivity
     )
     weighted = time.perf_counter() - t0
+    agreement = []
+    for budget in (1 / 64, 1 / 256):
+        own = planner.plan_budget(
+            gram, grams, shapes, budget, task_names=names, nonzero_rows=counts, sensitivity=sensitivity
+        )
+        ref = planner.plan_budget(
+            gram, grams, shapes, budget, task_names=names, nonzero_rows=counts, sensitivity=reference
+        )
+        judged = planner.estimate_plan(
+            gram, grams, shapes, own.codes, own.n_atoms, task_names=names, nonzero_rows=counts, sensitivity=reference
+        )
+        differ = sum(a.code != b.code for a, b in zip(own.choices, ref.choices, strict=True))
+        agreement.append(
+            f"  1/{round(1 / budget)}: {differ} of {len(own.choices)} tensors coded differently; estimated loss by the "
+            f"reference's figures {judged.loss:.5f} (worst task {judged.worst_loss:.5f}) against its own plan's "
+            f"{ref.loss:.5f} ({ref.worst_loss:.5f}); bytes {own.nbytes:,} and {ref.nbytes:,}"
+        )
     t0 = time.perf_counter()
     store = planner.build_for_budget(
         base, sources, args.out / "built", args.budget, stats_store=args.out / "stats", overwrite=True
@@ -74,10 +101,16 @@ def main() -> None:
     print(f"planning, cold (code calibration included): {cold:.2f} s = {cold / build_s:.3f}")
     print(f"planning, warm: {warm:.2f} s = {warm / build_s:.3f}")
     print(
-        f"output sensitivity ({len(texts)} texts, 8 probes; once per base and tasks): {sensitivity_s:.1f} s "
-        f"= {sensitivity_s / build_s:.3f}"
+        f"output sensitivity, default ({default_texts * len(tasks)} texts, {DEFAULT_PROBES} probe; once per base "
+        f"and tasks): {sensitivity_s:.1f} s = {sensitivity_s / build_s:.3f}"
+    )
+    print(
+        f"output sensitivity, reference ({32 * len(tasks)} texts, 8 probes): {reference_s:.1f} s "
+        f"= {reference_s / build_s:.3f}"
     )
     print(f"planning with it, warm: {weighted:.2f} s = {weighted / build_s:.3f}")
+    print("the default calibration's plans, judged by the reference's figures:")
+    print("\n".join(agreement))
     shutil.rmtree(args.out / "built", ignore_errors=True)
 
 

@@ -275,3 +275,20 @@ def test_knapsack_trades_bytes_between_tensors(monkeypatch: pytest.MonkeyPatch) 
     # the exchange matters on coarse candidates, and leaves few instances short of the optimum
     assert better >= 10
     assert short_of_optimal <= 10
+
+
+def test_replanning_with_exact_headers_spends_the_budget(correlated, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plan re-solved with the room exact headers free can need more header bytes itself; the
+    planner then plans again with that excess off instead of keeping the first, smaller plan."""
+    from tvbasis.planning import budget as planner
+
+    gram, grams, shapes, names = stats_from_store(correlated[1])
+    budget = 0.2 * 4 * len(names) * sum(int(np.prod(s)) for s in shapes.values())
+    # headers that grow with the payload (a fifth of it), bounded at first by more
+    monkeypatch.setattr(planner, "_residual_header_bound", lambda *a, **k: int(0.3 * budget))
+    monkeypatch.setattr(planner, "_residual_headers", lambda choices, *a: int(0.2 * sum(c.nbytes for c in choices)))
+    plan = plan_budget(gram, grams, shapes, int(budget), task_names=names)
+    payload = sum(c.nbytes for c in plan.choices)
+    assert plan.overhead_bytes >= int(0.2 * payload) and plan.nbytes <= budget
+    # the second plan overshoots with its own headers; keeping the first would leave 18% unspent
+    assert plan.nbytes > 0.9 * budget

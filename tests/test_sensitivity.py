@@ -172,3 +172,13 @@ def test_cli_plan_and_build_with_a_sensitivity_file(stats, tmp_path: Path) -> No
     assert info["bytes"]["ratio"] <= 0.2
     res = runner.invoke(app, [*args, "--budget", "0.2", "--sensitivity", str(partial), "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and "no figure for tensor" in res.output and not (tmp_path / "x").exists()
+
+
+def test_cli_defaults_are_the_modules() -> None:
+    import inspect
+
+    from tvbasis.cli import sensitivity_command
+    from tvbasis.planning.sensitivity import DEFAULT_PROBES, DEFAULT_TEXTS
+
+    params = inspect.signature(sensitivity_command).parameters
+    assert params["limit"].default == DEFAULT_TEXTS and params["probes"].default == DEFAULT_PROBES

@@ -355,6 +355,11 @@ def test_sensitivity_command_on_a_real_encoder(small: Path, finetuned: Path, tmp
     assert torch.equal(forward({}), before)
     with pytest.raises(TvbasisError, match="not a parameter of its encoder"):
         forward({"classifier.weight": torch.zeros(2)})
+    # batched by length (little padding), the outputs still follow the texts' order
+    mixed = ["roast the vegetables slowly in a hot oven", "a cold morning", "bread", "a cold frosty morning"]
+    together = M.text_encoder_forward(small, mixed, 16, batch_size=2)({})
+    alone = torch.cat([M.text_encoder_forward(small, [t], 16)({}) for t in mixed])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-4)
     res = runner.invoke(app, [*args, "--out", str(tmp_path / "s.json")])
     assert res.exit_code == 2 and "already exists" in res.output
     # without fine-tunes the error is isotropic, on every float tensor the --include globs select

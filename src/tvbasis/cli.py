@@ -939,9 +939,11 @@ def sensitivity_command(
     ] = None,
     include: Annotated[list[str] | None, typer.Option(help="Only tensors whose name matches this glob.")] = None,
     exclude: Annotated[list[str] | None, typer.Option(help="Leave out tensors matching this glob.")] = None,
-    limit: Annotated[int, typer.Option(help="Use at most this many texts.")] = 256,
+    limit: Annotated[int, typer.Option(help="Use at most this many texts.")] = 128,  # sensitivity.DEFAULT_TEXTS
     max_length: Annotated[int, typer.Option(help="Tokens per text at most.")] = 128,
-    probes: Annotated[int, typer.Option(help="Random output directions averaged over (one backward pass each).")] = 8,
+    probes: Annotated[
+        int, typer.Option(help="Random output directions averaged over (one backward pass each).")
+    ] = 1,  # sensitivity.DEFAULT_PROBES
     seed: Annotated[int, typer.Option(help="Seed of the random directions.")] = 0,
     overwrite: Overwrite = False,
     quiet: Quiet = False,

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -373,14 +373,24 @@ def plan_budget(
             f"give a larger budget"
         )
     # The headers were priced with every tensor's widest candidate; price the chosen plan's exactly
-    # and plan once more with the bytes that frees, keeping the new plan if it fits with its own.
+    # and plan again with the bytes that frees. A new plan can need more header bytes than the one
+    # it replaces (other codes, more parts): then plan with that excess taken off the room, a few
+    # times, and keep the first plan that fits with its own headers and scores no worse.
     fixed = _fixed_overhead(T, shapes, best.n_atoms)
     best.overhead_bytes = fixed + _residual_headers(best.choices, shapes, plan_names, nonzero_rows)
-    again = solve(best_options, budget_bytes - best.overhead_bytes)
-    if again is not None:
+    room = budget_bytes - best.overhead_bytes
+    for _ in range(4):
+        again = solve(best_options, room)
+        if again is None:
+            break
         overhead = fixed + _residual_headers(again, shapes, plan_names, nonzero_rows)
-        if overhead + sum(c.nbytes for c in again) <= budget_bytes:
-            best.choices, best.overhead_bytes = again, overhead
+        excess = overhead + sum(c.nbytes for c in again) - budget_bytes
+        if excess <= 0:
+            trial = replace(best, choices=again, overhead_bytes=overhead)
+            if trial.score <= best.score:
+                best = trial
+            break
+        room -= excess
     return best
 
 

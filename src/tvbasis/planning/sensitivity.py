@@ -41,8 +41,14 @@ if TYPE_CHECKING:
 #: ``(examples, features)``, differentiable in ``delta`` (which names every measured tensor).
 Forward = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
 
-#: Random output directions (one backward pass each) the expectation is averaged over.
-DEFAULT_PROBES = 8
+#: Random output directions (one backward pass each) the expectation is averaged over. One is
+#: enough where the outputs are many (examples x features): a probe's estimate of ``tr(A)``
+#: (``A = J D J^T``) has relative variance ``2 tr(A^2) / tr(A)^2``, small when ``A`` spreads over
+#: many directions; on the text suite 128 texts and one probe give the plan 256 texts and eight
+#: give, at a seventeenth of the passes (``benchmarks/plan_cost.py``).
+DEFAULT_PROBES = 1
+#: Calibration texts used at most by default.
+DEFAULT_TEXTS = 128
 FORMAT = "tvbasis-sensitivity/1"
 
 

@@ -681,6 +681,10 @@ def text_encoder_forward(
         mapping = param_names(model, ckpt.names())
     params = dict(model.named_parameters())
     seqs = _tokenize(tokenizer, texts, max_length)
+    # Batches of similar lengths pad little; the outputs are put back in the texts' order.
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    seqs = [seqs[i] for i in order]
+    restore = torch.argsort(torch.tensor(order))
     batches = [_pad(seqs[i : i + batch_size], tokenizer.pad_token_id or 0) for i in range(0, len(seqs), batch_size)]
 
     def forward(delta: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -696,6 +700,6 @@ def text_encoder_forward(
                 model, weights, (), {"input_ids": ids, "attention_mask": mask}, strict=False
             ).last_hidden_state
             outs.append(F.normalize(mean_pool(hidden, mask), dim=-1))
-        return torch.cat(outs)
+        return torch.cat(outs)[restore]
 
     return forward
