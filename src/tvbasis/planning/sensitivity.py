@@ -44,8 +44,9 @@ Forward = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
 #: Random output directions (one backward pass each) the expectation is averaged over. One is
 #: enough where the outputs are many (examples x features): a probe's estimate of ``tr(A)``
 #: (``A = J D J^T``) has relative variance ``2 tr(A^2) / tr(A)^2``, small when ``A`` spreads over
-#: many directions; on the text suite 128 texts and one probe give the plan 256 texts and eight
-#: give, at a seventeenth of the passes (``benchmarks/plan_cost.py``).
+#: many directions; on the text suite 128 texts and one probe plan as well as 256 texts and eight
+#: (estimated loss within 1% by the larger calibration's figures) at a seventeenth of the passes
+#: (``benchmarks/plan_cost.py``).
 DEFAULT_PROBES = 1
 #: Calibration texts used at most by default.
 DEFAULT_TEXTS = 128
