@@ -21,6 +21,7 @@ import shutil
 import time
 from pathlib import Path
 
+from frontier import REFERENCE_CALIBRATION, parse_calibration
 from tvbasis.build import build_store
 from tvbasis.methods import make_method
 from tvbasis.planning import budget as planner
@@ -64,7 +65,8 @@ def main() -> None:
 
     default_texts = DEFAULT_TEXTS // len(tasks)
     sensitivity, sensitivity_s = measure(default_texts, DEFAULT_PROBES)
-    reference, reference_s = measure(32, 8)
+    reference_texts, reference_probes = parse_calibration(REFERENCE_CALIBRATION)
+    reference, reference_s = measure(reference_texts, reference_probes)
     t0 = time.perf_counter()
     planner.plan_budget(
         gram, grams, shapes, args.budget, task_names=names, nonzero_rows=counts, sensitivity=sensitivity
@@ -105,7 +107,8 @@ def main() -> None:
         f"and tasks): {sensitivity_s:.1f} s = {sensitivity_s / build_s:.3f}"
     )
     print(
-        f"output sensitivity, reference ({32 * len(tasks)} texts, 8 probes): {reference_s:.1f} s "
+        f"output sensitivity, reference ({reference_texts * len(tasks)} texts, {reference_probes} probes): "
+        f"{reference_s:.1f} s "
         f"= {reference_s / build_s:.3f}"
     )
     print(f"planning with it, warm: {weighted:.2f} s = {weighted / build_s:.3f}")
