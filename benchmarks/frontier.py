@@ -36,7 +36,7 @@ from tvbasis.evaluation import runner
 from tvbasis.evaluation.protocol import effect_retained, gain_retained
 from tvbasis.methods import make_method
 from tvbasis.planning.budget import DEFAULT_CODES
-from tvbasis.planning.sensitivity import load_sensitivity, output_sensitivity, row_energy, save_sensitivity
+from tvbasis.planning.sensitivity import load_sensitivity, row_sensitivity, save_sensitivity
 from tvbasis.store import Store, open_store
 from tvbasis.store.residuals import CodePlan, TensorCode, uniform_plan
 from tvbasis.tasks import TaskSource, TaskVectorSet
@@ -236,26 +236,25 @@ def parse_calibration(calibration: str) -> tuple[int, int]:
 
 
 def sensitivity_path(plan_store: Path, calibration: str = REFERENCE_CALIBRATION) -> Path:
-    """Where the text suite's per-tensor output sensitivity is kept, beside the statistics store."""
+    """Where the text suite's output sensitivity (row figures) is kept, beside the statistics store."""
     suffix = "" if calibration == REFERENCE_CALIBRATION else f"-{calibration}"
-    return plan_store.parent / f"sensitivity{suffix}.json"
+    return plan_store.parent / f"sensitivity{suffix}.safetensors"
 
 
 def ensure_sensitivity(plan_store: Path, suite: TextSuite, calibration: str = REFERENCE_CALIBRATION) -> None:
-    """The text suite's per-tensor output sensitivity (``planning.sensitivity``), measured once:
-    the encoder's embeddings of the first TEXTS training examples of each task under PROBES random
-    probes (``calibration``), the error shaped by the eight task vectors' rows."""
+    """The text suite's output sensitivity per row (``planning.sensitivity``), measured once: the
+    encoder's embeddings of the first TEXTS training examples of each task under PROBES random
+    probes (``calibration``); the plans shape it by the statistics store's row energies."""
     per_task, probes = parse_calibration(calibration)
     path = sensitivity_path(plan_store, calibration)
     if path.exists():
         return
     t0 = time.perf_counter()
     tasks = TaskVectorSet(suite.base, suite.sources)
-    profile = row_energy(tasks)
     texts = [e.text for n in suite.names for e in suite.ev.tasks[n].train[:per_task]]
     forward = text_encoder_forward(suite.base, texts, suite.ev.max_length)
     shapes = {i.name: tuple(i.shape) for i in tasks.tensors}
-    figures = output_sensitivity(forward, shapes, profile, probes=probes)
+    figures = row_sensitivity(forward, shapes, probes=probes)
     meta = {
         "calibration": f"{per_task} training examples per task, {probes} probes",
         "seconds": time.perf_counter() - t0,
@@ -266,9 +265,9 @@ def ensure_sensitivity(plan_store: Path, suite: TextSuite, calibration: str = RE
 
 
 def ensure_stats_store(plan_store: Path, base: Path, sources: list[TaskSource]) -> None:
-    """The planner's statistics store (per-tensor Gram matrices and row counts), built if missing
-    or older than the row counts."""
-    if (plan_store / "tvbasis.json").exists() and open_store(plan_store).tensor_nonzero_rows is not None:
+    """The planner's statistics store (per-tensor Gram matrices, row counts and row energies),
+    built if missing or older than the row energies."""
+    if (plan_store / "tvbasis.json").exists() and open_store(plan_store).tensor_row_energy is not None:
         return
     plan_store.parent.mkdir(parents=True, exist_ok=True)
     build_store(base, sources, make_method("pca", 1), plan_store, overwrite=True, tensor_stats=True)

@@ -17,9 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from frontier import sensitivity_path
 from tvbasis.codes import parse_code
 from tvbasis.evaluation.protocol import LAMBDA_GRID
-from tvbasis.planning.budget import DEFAULT_NOISE_WEIGHT, estimate_plan, stats_from_store
+from tvbasis.planning.budget import DEFAULT_NOISE_WEIGHT, estimate_plan, sensitivity_for_store, stats_from_store
 from tvbasis.planning.sensitivity import load_sensitivity
 from tvbasis.store.residuals import CodePlan, TensorCode
 
@@ -92,8 +93,8 @@ def proxy_check(out: Path, groups: dict[str, list[dict[str, Any]]]) -> tuple[lis
         estimates[k] = estimate_plan(gram, grams, shapes, plan, m, task_names=names)
     # the same estimates with each tensor weighted by its output sensitivity, where it was measured
     weighted = {}
-    if (out / "stores" / "sensitivity.json").exists():
-        sensitivity = load_sensitivity(out / "stores" / "sensitivity.json")
+    if sensitivity_path(stats).exists():
+        sensitivity = sensitivity_for_store(stats, load_sensitivity(sensitivity_path(stats)))
         for k in labels:
             plan, m = single_code_plan(singles[k][0]["config"])
             weighted[k] = estimate_plan(gram, grams, shapes, plan, m, task_names=names, sensitivity=sensitivity)

@@ -10,20 +10,29 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from common import write_family, write_large_family
+from common import write_large_family
 from tvbasis.build import build_store
 from tvbasis.cli import app
+from tvbasis.codes.core import row_view_shape
 from tvbasis.errors import TvbasisError
 from tvbasis.methods import make_method
-from tvbasis.planning.budget import estimate_plan, plan_budget, stats_from_store, tensor_weights
+from tvbasis.planning.budget import (
+    build_for_budget,
+    estimate_plan,
+    plan_budget,
+    sensitivity_for_store,
+    stats_from_store,
+    tensor_weights,
+)
 from tvbasis.planning.sensitivity import (
     load_sensitivity,
     normalised_weights,
     output_sensitivity,
-    row_energy,
+    row_sensitivity,
     save_sensitivity,
+    tensor_sensitivity,
 )
-from tvbasis.tasks import TaskVectorSet
+from tvbasis.store import open_store
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 runner = CliRunner()
@@ -75,18 +84,29 @@ def test_the_profile_puts_the_error_on_the_rows_tasks_change() -> None:
         output_sensitivity(row0_only, shapes, probes=0)
 
 
-def test_row_energy_is_the_tasks_mean_row_norm_whatever_the_chunks(tmp_path: Path) -> None:
-    fam = write_family(tmp_path, T=3)
-    tasks = TaskVectorSet(fam.base, fam.tasks, exclude=["head.*"])
-    got = row_energy(tasks)
-    for chunk_elements in (1, 7, 1 << 20):
-        again = row_energy(tasks, chunk_elements)
-        assert all(torch.allclose(again[k], got[k], rtol=1e-12, atol=0) for k in got)
-    for name in fam.names:
-        x = torch.stack([d[name] for d in fam.deltas]).double()
-        rows = x.reshape(3, x.shape[1], -1) if x.ndim >= 3 else x.reshape(3, 1, -1)
-        expected = rows.square().sum(dim=2).mean(dim=0)
-        assert torch.allclose(got[name], expected, rtol=1e-10), name
+def test_row_figures_combine_with_any_profile_as_one_measurement_would() -> None:
+    """Measured once per base, the row figures give what a measurement shaped by the tasks' rows
+    gives, for any tasks: the profile only weighs the rows."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(32, 8, generator=g)
+    shapes = {"w": (5, 8), "b": (5,)}
+
+    def forward(delta):
+        return x @ (delta["w"] * torch.arange(1.0, 6.0)[:, None]).T + delta["b"]
+
+    rows = row_sensitivity(forward, shapes, probes=4, seed=3)
+    assert rows["w"].shape == (5,) and rows["b"].shape == (1,)
+    # row i's outputs are scaled by i + 1: per unit error, (i + 1)^2 ||x||^2 / (examples x inputs)
+    many = row_sensitivity(forward, shapes, probes=400)["w"]
+    expected = torch.arange(1.0, 6.0, dtype=torch.float64) ** 2 * float(x.square().sum()) / (32 * 8)
+    torch.testing.assert_close(many, expected, rtol=0.2, atol=0)
+    for profile in ({"w": torch.rand(5, generator=g, dtype=torch.float64), "b": torch.ones(1)}, None):
+        once = output_sensitivity(forward, shapes, profile, probes=4, seed=3)
+        assert tensor_sensitivity(rows, profile) == pytest.approx(once, rel=1e-12)
+    weights = torch.tensor([0.0, 0, 0, 0, 1.0])
+    assert tensor_sensitivity(rows, {"w": weights}) == pytest.approx({"w": float(rows["w"][4])}, rel=1e-12)
+    with pytest.raises(TvbasisError, match=r"no figures for tensor 'c'"):
+        tensor_sensitivity(rows, names=["w", "c"])
 
 
 def test_weights_are_normalised_by_the_tasks_energy() -> None:
@@ -103,19 +123,29 @@ def test_weights_are_normalised_by_the_tasks_energy() -> None:
 
 
 def test_the_file_round_trips_and_bad_files_are_named(tmp_path: Path) -> None:
-    path = save_sensitivity(tmp_path / "s.json", {"a": 1.5, "b": 0.0}, {"texts": 3})
-    assert load_sensitivity(path) == {"a": 1.5, "b": 0.0}
+    rows = {"a": torch.tensor([1.5, 0.0, 2.0], dtype=torch.float64), "b": torch.zeros(1, dtype=torch.float64)}
+    path = save_sensitivity(tmp_path / "s.safetensors", rows, {"texts": 3})
+    back = load_sensitivity(path)
+    assert set(back) == {"a", "b"} and all(torch.equal(back[n], rows[n]) for n in rows)
     with pytest.raises(TvbasisError, match="already exists"):
-        save_sensitivity(path, {"a": 1.0})
+        save_sensitivity(path, rows)
     assert not list(tmp_path.glob("*.tmp-*"))
-    (tmp_path / "bad.json").write_text(json.dumps({"format": "other", "tensors": {}}))
-    with pytest.raises(TvbasisError, match=r"bad\.json: not a sensitivity file"):
-        load_sensitivity(tmp_path / "bad.json")
-    (tmp_path / "nan.json").write_text(json.dumps({"format": "tvbasis-sensitivity/1", "tensors": {"a": "x"}}))
-    with pytest.raises(TvbasisError, match="'a'"):
-        load_sensitivity(tmp_path / "nan.json")
+    (tmp_path / "old.json").write_text(json.dumps({"format": "tvbasis-sensitivity/1", "tensors": {"a": 1.0}}))
+    with pytest.raises(TvbasisError, match=r"old\.json: not a sensitivity file"):
+        load_sensitivity(tmp_path / "old.json")
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.ones(2)}, str(tmp_path / "other.safetensors"), metadata={"format": "other"})
+    with pytest.raises(TvbasisError, match=r"other\.safetensors: not a sensitivity file"):
+        load_sensitivity(tmp_path / "other.safetensors")
+    save_sensitivity(tmp_path / "nan.safetensors", {"a": torch.tensor([1.0, float("nan")])})
+    with pytest.raises(TvbasisError, match=r"'a'.*finite"):
+        load_sensitivity(tmp_path / "nan.safetensors")
+    save_sensitivity(tmp_path / "2d.safetensors", {"a": torch.ones(2, 2)})
+    with pytest.raises(TvbasisError, match=r"'a'.*vector"):
+        load_sensitivity(tmp_path / "2d.safetensors")
     with pytest.raises(TvbasisError, match="no such sensitivity file"):
-        load_sensitivity(tmp_path / "missing.json")
+        load_sensitivity(tmp_path / "missing.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -150,18 +180,43 @@ def test_the_planner_spends_bytes_where_error_moves_the_outputs(stats) -> None:
         plan_budget(gram, grams, shapes, 0.3, sensitivity={target: 1.0})
 
 
+def _row_figures(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.rand(row_view_shape(s)[0], generator=g, dtype=torch.float64) + i for i, (n, s) in
+            enumerate(shapes.items())}  # fmt: skip
+
+
+def test_the_stores_row_energies_shape_the_figures(stats) -> None:
+    path, fam = stats
+    shapes = stats_from_store(path)[2]
+    rows = _row_figures(shapes)
+    figures = sensitivity_for_store(path, rows)
+    energy = open_store(path).tensor_row_energy
+    assert energy is not None and list(figures) == list(shapes)
+    for n in shapes:
+        e = torch.as_tensor(energy[n])
+        assert figures[n] == pytest.approx(float((e * rows[n]).sum() / e.sum()), rel=1e-12)
+    # the same as weighing by each task's squared rows directly
+    name = "embed.weight"
+    deltas = torch.stack([d[name].double() for d in fam.deltas])
+    direct = deltas.square().sum(dim=2).mean(dim=0)
+    assert figures[name] == pytest.approx(float((direct * rows[name]).sum() / direct.sum()), rel=1e-10)
+
+
 def test_cli_plan_and_build_with_a_sensitivity_file(stats, tmp_path: Path) -> None:
     path, fam = stats
     shapes = stats_from_store(path)[2]
-    good = save_sensitivity(tmp_path / "good.json", {n: 1.0 + i for i, n in enumerate(shapes)})
+    good = save_sensitivity(tmp_path / "good.safetensors", _row_figures(shapes))
     res = runner.invoke(app, ["plan", str(path), "--budget", "0.2", "--json", "--sensitivity", str(good)])
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["sensitivity_weighted"] is True
     res = runner.invoke(app, ["plan", str(path), "--budget", "0.2", "--sensitivity", str(good)])
     assert res.exit_code == 0 and "output sensitivity" in res.output
-    partial = save_sensitivity(tmp_path / "partial.json", {"embed.weight": 1.0})
+    partial = save_sensitivity(
+        tmp_path / "partial.safetensors", {"embed.weight": torch.ones(shapes["embed.weight"][0])}
+    )
     res = runner.invoke(app, ["plan", str(path), "--budget", "0.2", "--sensitivity", str(partial)])
-    assert res.exit_code == 2 and "no figure for tensor" in res.output
+    assert res.exit_code == 2 and "no figures for tensor" in res.output
     res = runner.invoke(app, ["plan", str(path), "--sensitivity", str(good)])
     assert res.exit_code == 2 and "--budget only" in res.output
     tasks = [a for t in fam.tasks for a in ("--task", f"{t.name}={t.path}")]
@@ -171,7 +226,39 @@ def test_cli_plan_and_build_with_a_sensitivity_file(stats, tmp_path: Path) -> No
     info = json.loads(runner.invoke(app, ["info", str(tmp_path / "s"), "--json"]).output)
     assert info["bytes"]["ratio"] <= 0.2
     res = runner.invoke(app, [*args, "--budget", "0.2", "--sensitivity", str(partial), "--out", str(tmp_path / "x")])
-    assert res.exit_code == 2 and "no figure for tensor" in res.output and not (tmp_path / "x").exists()
+    assert res.exit_code == 2 and "no figures for tensor" in res.output and not (tmp_path / "x").exists()
+
+
+def test_a_build_plans_with_its_own_passs_row_energies_as_plan_does(stats, tmp_path: Path) -> None:
+    """``build --budget`` (its own Gram pass) and ``plan`` on a statistics store weigh alike."""
+    path, fam = stats
+    shapes = stats_from_store(path)[2]
+    rows = _row_figures(shapes, seed=1)
+    gram, grams, _, names = stats_from_store(path)
+    planned = plan_budget(gram, grams, shapes, 0.2, task_names=names, sensitivity=sensitivity_for_store(path, rows))
+    built = build_for_budget(fam.base, fam.tasks, tmp_path / "b", 0.2, exclude=["head.*"], sensitivity=rows)
+    report, summary = built.manifest["budget_plan"], planned.summary()
+    assert report["M"] == summary["M"] and report["codes"] == summary["codes"] and report["sensitivity_weighted"]
+    assert report["estimated_loss"] == pytest.approx(summary["estimated_loss"], rel=1e-12)
+
+
+def test_a_store_without_row_energies_weighs_rows_evenly_and_says_so(stats, tmp_path: Path) -> None:
+    import shutil
+
+    path, _ = stats
+    old = tmp_path / "old"
+    shutil.copytree(path, old)
+    manifest = json.loads((old / "tvbasis.json").read_text())
+    file = manifest["tensor_stats"].pop("row_energy")  # as a store built before they were kept
+    del manifest["files"][file]
+    (old / file).unlink()
+    (old / "tvbasis.json").write_text(json.dumps(manifest))
+    shapes = stats_from_store(path)[2]
+    rows = _row_figures(shapes)
+    assert sensitivity_for_store(old, rows) == pytest.approx({n: float(r.mean()) for n, r in rows.items()})
+    good = save_sensitivity(tmp_path / "good.safetensors", rows)
+    res = runner.invoke(app, ["plan", str(old), "--budget", "0.2", "--sensitivity", str(good)])
+    assert res.exit_code == 0 and "keeps no row energies" in res.output
 
 
 def test_cli_defaults_are_the_modules() -> None:

@@ -19,7 +19,7 @@ from tvbasis.errors import TvbasisError
 from tvbasis.methods import make_method
 from tvbasis.planning import atom_bytes, estimate_store
 from tvbasis.store import open_store
-from tvbasis.store.format import MANIFEST, MATRICES, TENSOR_GRAM, TENSOR_ROWS
+from tvbasis.store.format import MANIFEST, MATRICES, TENSOR_GRAM, TENSOR_ROW_ENERGY, TENSOR_ROWS
 from tvbasis.tasks import TaskSource, TaskVectorSet
 from tvbasis.update import add_task, refit, remove_task
 
@@ -43,6 +43,16 @@ def tensor_blocks(family) -> dict[str, np.ndarray]:
     return {n: np.stack([d[n].reshape(-1).numpy() for d in family.deltas], axis=1) for n in layout(family)}
 
 
+def dense_row_energy(family, tasks: list[int] | None = None) -> dict[str, np.ndarray]:
+    """Each tensor's per-row energy (a 1-D tensor: one row), the mean over ``tasks`` (default all)."""
+    out = {}
+    for n in layout(family):
+        x = np.stack([family.deltas[t][n].double().numpy() for t in tasks or range(len(family.deltas))])
+        rows = x.reshape(len(x), x.shape[1] if x.ndim >= 3 else 1, -1)  # (T, rows, row_numel)
+        out[n] = np.square(rows).sum(axis=2).mean(axis=0)
+    return out
+
+
 def _close(a: np.ndarray, b: np.ndarray, rtol: float = 1e-12) -> None:
     np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * max(np.abs(b).max(), 1e-300))
 
@@ -62,6 +72,10 @@ def test_tensor_grams_are_the_dense_ones_and_sum_to_G(family) -> None:
             _close(stats.tensor_grams[n], X.T @ X)
             assert np.array_equal(stats.tensor_grams[n], stats.tensor_grams[n].T)
         _close(sum(stats.tensor_grams.values()), stats.gram)
+        # and each row's energy, the tasks' mean, whatever the chunks
+        assert stats.row_energy is not None and list(stats.row_energy) == layout(family)
+        for n, want in dense_row_energy(family).items():
+            _close(stats.row_energy[n], want)
         if chunk == 7:  # the option changes nothing else
             assert np.array_equal(stats.gram, plain.gram) and stats.task_hashes == plain.task_hashes
 
@@ -79,7 +93,7 @@ def test_store_keeps_them_counted_and_otherwise_unchanged(family, tmp_path: Path
     assert "tensor_stats" not in without.summary()
     # every other file is the same, bit for bit
     da, db = tree_digest(without.path), tree_digest(with_.path)
-    assert set(db) - set(da) == {TENSOR_GRAM, TENSOR_ROWS}
+    assert set(db) - set(da) == {TENSOR_GRAM, TENSOR_ROWS, TENSOR_ROW_ENERGY}
     assert all(da[f] == db[f] for f in da if f not in (MANIFEST, "README.md"))
     # loaded in layout order, equal to the pass's, summing to G
     reopened = open_store(with_.path)
@@ -93,15 +107,24 @@ def test_store_keeps_them_counted_and_otherwise_unchanged(family, tmp_path: Path
     counts = reopened.tensor_nonzero_rows
     assert counts is not None and list(counts) == layout(family)
     assert all(np.array_equal(counts[n], stats.nonzero_rows[n]) for n in family.names)  # type: ignore[index]
+    # and each row's energy
+    energy = reopened.tensor_row_energy
+    assert energy is not None and list(energy) == layout(family)
+    assert all(np.array_equal(energy[n], stats.row_energy[n]) for n in family.names)  # type: ignore[index]
     # counted in the store's bytes like everything else
-    size = (with_.path / TENSOR_GRAM).stat().st_size + (with_.path / TENSOR_ROWS).stat().st_size
+    files = (TENSOR_GRAM, TENSOR_ROWS, TENSOR_ROW_ENERGY)
+    size = sum((with_.path / f).stat().st_size for f in files)
     b = reopened.manifest["bytes"]
-    assert reopened.manifest["files"][TENSOR_GRAM] + reopened.manifest["files"][TENSOR_ROWS] == size
+    assert sum(reopened.manifest["files"][f] for f in files) == size
     assert b["tensor_gram"] == size
     assert b["matrices"] == size + (with_.path / MATRICES).stat().st_size
     on_disk = sum(p.stat().st_size for p in with_.path.rglob("*") if p.is_file())
     assert b["total"] == on_disk and b["total"] == b["atoms"] + b["matrices"] + b["other"] + b["manifest"]
-    assert reopened.manifest["tensor_stats"] == {"gram": TENSOR_GRAM, "nonzero_rows": TENSOR_ROWS}
+    assert reopened.manifest["tensor_stats"] == {
+        "gram": TENSOR_GRAM,
+        "nonzero_rows": TENSOR_ROWS,
+        "row_energy": TENSOR_ROW_ENERGY,
+    }
     assert reopened.summary()["tensor_stats"]
 
 
@@ -129,6 +152,10 @@ def test_add_remove_refit_keep_the_tensor_grams(family, tmp_path: Path) -> None:
     # the counts of nonzero rows follow the same way (18 of embed.weight's 37 rows are untouched)
     assert full.tensor_nonzero_rows is not None and list(full.tensor_nonzero_rows["embed.weight"]) == [19] * 6
     assert _counts(added) == _counts(full)
+    # the row energies too (the pass read every task: its own mean)
+    assert added.tensor_row_energy is not None and full.tensor_row_energy is not None
+    for n in family.names:
+        _close(added.tensor_row_energy[n], full.tensor_row_energy[n])
 
     removed = remove_task(added, "task2", out=tmp_path / "removed")
     keep = [0, 1, 3, 4, 5]
@@ -136,6 +163,8 @@ def test_add_remove_refit_keep_the_tensor_grams(family, tmp_path: Path) -> None:
     for n in family.names:
         assert np.array_equal(removed.tensor_grams[n], added.tensor_grams[n][np.ix_(keep, keep)])
     assert _counts(removed) == {n: [c[i] for i in keep] for n, c in _counts(added).items()}
+    # the mean row energy cannot drop one task's share: it is gone until a refit or new build
+    assert removed.tensor_row_energy is None
     # the atoms were fitted on task2, which is gone: the planner says so
     with pytest.raises(TvbasisError, match=r"task2.*refit"):
         estimate_store(removed)
@@ -175,6 +204,10 @@ def test_add_task_without_the_other_inputs_leaves_nan_like_G(family, tmp_path: P
     assert not info.gram_row_known and added.tensor_grams is not None
     for n, g in added.tensor_grams.items():
         assert np.array_equal(np.isnan(g), np.isnan(added.gram)), n
+    # the mean row energy is known all the same: the old mean and the new task's rows, 5 : 1
+    assert added.tensor_row_energy is not None
+    for n, want in dense_row_energy(family).items():
+        _close(added.tensor_row_energy[n], want, rtol=1e-10)
     with pytest.raises(TvbasisError, match=r"incomplete.*refit"):
         estimate_store(added)
 
@@ -283,13 +316,14 @@ def test_lora_tensor_grams_from_factors(tmp_path: Path, monkeypatch: pytest.Monk
         lo.make_adapter(base, tmp_path / name, cls_name, settings, bin_file, 100 + i)
         adapters.append(TaskSource(name, tmp_path / name))
 
-    def per_tensor_dense(tvs: TaskVectorSet) -> dict[str, np.ndarray]:
+    def per_tensor_dense(tvs: TaskVectorSet, energy: bool = False) -> dict[str, np.ndarray]:
         V = lo.dense_rows(tvs)
         out, offset = {}, 0
         for info in tvs.tensors:
             X = V[offset : offset + info.numel]
             offset += info.numel
-            out[info.name] = X.T @ X
+            rows = info.shape[0] if len(info.shape) >= 2 else 1
+            out[info.name] = np.square(X).reshape(rows, -1).sum(axis=1) / X.shape[1] if energy else X.T @ X
         return out
 
     mixed = TaskVectorSet(base, [TaskSource("ft", tmp_path / "dense"), *adapters])
@@ -301,6 +335,9 @@ def test_lora_tensor_grams_from_factors(tmp_path: Path, monkeypatch: pytest.Monk
         for n, want in want_mixed.items():
             _close(stats.tensor_grams[n], want, rtol=1e-10)
         _close(sum(stats.tensor_grams.values()), stats.gram, rtol=1e-10)
+        assert stats.row_energy is not None  # the adapters' rows are read beside the full fine-tune's
+        for n, want in per_tensor_dense(mixed, energy=True).items():
+            _close(stats.row_energy[n], want, rtol=1e-10)
 
     def no_rows(*args: object, **kw: object) -> None:
         raise AssertionError("the Gram pass materialised LoRA rows")
@@ -311,6 +348,7 @@ def test_lora_tensor_grams_from_factors(tmp_path: Path, monkeypatch: pytest.Monk
     assert stats.tensor_grams is not None
     for n, want in want_lora.items():  # between adapters: from the factors, zero where none touches n
         _close(stats.tensor_grams[n], want, rtol=1e-10)
+    assert stats.row_energy is None and stats.nonzero_rows is None  # no rows were read
 
     sources = [TaskSource("ft", tmp_path / "dense"), *adapters]
     store = build_store(base, sources, make_method("pca", 2), tmp_path / "s", tensor_stats=True)
@@ -327,6 +365,8 @@ def test_lora_tensor_grams_from_factors(tmp_path: Path, monkeypatch: pytest.Monk
     assert local.tensor_grams is not None and remote.tensor_grams is not None
     assert list(local.tensor_grams) == list(remote.tensor_grams)
     assert all(np.array_equal(local.tensor_grams[n], remote.tensor_grams[n]) for n in local.tensor_grams)
+    assert local.row_energy is not None and remote.row_energy is not None
+    assert all(np.array_equal(local.row_energy[n], remote.row_energy[n]) for n in local.row_energy)
 
 
 # -- the CLI -------------------------------------------------------------------------------------------

@@ -323,20 +323,28 @@ def test_full_minilm_finetune_beats_zero_shot(tmp_path: Path) -> None:
 
 # -- output sensitivity -----------------------------------------------------------------------------
 def test_sensitivity_command_on_a_real_encoder(small: Path, finetuned: Path, tmp_path: Path) -> None:
-    """``tvbasis sensitivity`` measures every tensor the fine-tune changes, shaped by its rows; the
-    encoder's weights are left as they were, and bad input is named."""
+    """``tvbasis sensitivity`` measures every row of every float tensor of the base; a fine-tune's
+    rows then shape it (as the planner does with a store's row energies). The encoder's weights
+    are left as they were, and bad input is named."""
     from typer.testing import CliRunner
 
     from tvbasis.cli import app
-    from tvbasis.planning.sensitivity import load_sensitivity
+    from tvbasis.engine.streaming import gram_pass
+    from tvbasis.planning.sensitivity import load_sensitivity, tensor_sensitivity
+    from tvbasis.tasks import TaskSource, TaskVectorSet
 
     runner = CliRunner()
     texts = tmp_path / "texts.txt"
     texts.write_text("\n".join(t for group in TEXTS.values() for t in group) + "\n\n")
     args = ["sensitivity", "--base", str(small), "--texts", str(texts), "--max-length", "16", "-q"]
-    res = runner.invoke(app, [*args, "--task", f"toy={finetuned}", "--out", str(tmp_path / "s.json")])
+    res = runner.invoke(app, [*args, "--out", str(tmp_path / "s.safetensors")])
     assert res.exit_code == 0, res.output
-    figures = load_sensitivity(tmp_path / "s.json")
+    rows = load_sensitivity(tmp_path / "s.safetensors")
+    tasks = TaskVectorSet(small, [TaskSource("toy", finetuned)])
+    assert {i.name for i in tasks.tensors} <= set(rows)
+    energy = gram_pass(tasks, tensor_stats=True).row_energy  # the fine-tune's squared rows
+    assert energy is not None
+    figures = tensor_sensitivity(rows, energy)
     layer_norm = [v for k, v in figures.items() if "LayerNorm" in k]
     matrices = [v for k, v in figures.items() if k.endswith("dense.weight")]
     assert figures and all(v >= 0 for v in figures.values())
@@ -345,8 +353,9 @@ def test_sensitivity_command_on_a_real_encoder(small: Path, finetuned: Path, tmp
     # a key bias adds the same logit to every key of a query: softmax does not see it
     key_bias = [v for k, v in figures.items() if k.endswith("attention.self.key.bias")]
     assert key_bias and max(key_bias) < 1e-9 * np.median(matrices)
-    meta = json.loads((tmp_path / "s.json").read_text())["meta"]
-    assert meta["texts"] == 12 and meta["tasks"] == ["toy"]
+    with safe_open(str(tmp_path / "s.safetensors"), "pt") as f:
+        meta = json.loads(f.metadata()["meta"])
+    assert meta["texts"] == 12 and meta["probes"] == 1
     # the forward restores the weights it perturbs: the same call measures the same figures
     forward = M.text_encoder_forward(small, ["a cold frosty morning", "roast the vegetables"], 16)
     before = forward({})
@@ -360,12 +369,14 @@ def test_sensitivity_command_on_a_real_encoder(small: Path, finetuned: Path, tmp
     together = M.text_encoder_forward(small, mixed, 16, batch_size=2)({})
     alone = torch.cat([M.text_encoder_forward(small, [t], 16)({}) for t in mixed])
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-4)
-    res = runner.invoke(app, [*args, "--out", str(tmp_path / "s.json")])
+    res = runner.invoke(app, [*args, "--out", str(tmp_path / "s.safetensors")])
     assert res.exit_code == 2 and "already exists" in res.output
-    # without fine-tunes the error is isotropic, on every float tensor the --include globs select
-    res = runner.invoke(app, [*args, "--include", "*LayerNorm*", "--out", str(tmp_path / "iso.json")])
+    # the --include globs select the tensors measured; each tensor's rows are its own
+    out = tmp_path / "norms.safetensors"
+    res = runner.invoke(app, [*args, "--include", "*LayerNorm*", "--out", str(out)])
     assert res.exit_code == 0, res.output
-    iso = load_sensitivity(tmp_path / "iso.json")
-    assert set(iso) == {k for k in figures if "LayerNorm" in k} and min(iso.values()) > 0
-    res = runner.invoke(app, [*args[:3], "--texts", str(tmp_path / "none.txt"), "--out", str(tmp_path / "t.json")])
-    assert res.exit_code == 2 and "none.txt" in res.output and not (tmp_path / "t.json").exists()
+    norms = load_sensitivity(out)
+    assert set(norms) == {k for k in rows if "LayerNorm" in k}
+    assert all(torch.allclose(norms[k], rows[k], rtol=1e-6) and norms[k].min() > 0 for k in norms)
+    res = runner.invoke(app, [*args[:3], "--texts", str(tmp_path / "none.txt"), "--out", str(tmp_path / "t.st")])
+    assert res.exit_code == 2 and "none.txt" in res.output and not (tmp_path / "t.st").exists()

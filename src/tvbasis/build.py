@@ -31,6 +31,7 @@ from tvbasis.store.format import (
     MANIFEST,
     MATRICES,
     TENSOR_GRAM,
+    TENSOR_ROW_ENERGY,
     TENSOR_ROWS,
     Store,
     file_sizes,
@@ -207,7 +208,9 @@ def build_store(
         manifest = _manifest(tvs, method, stats.base_hash, stats.task_hashes, metrics, dtype, vectors)
         if tensor_stats:
             assert stats.tensor_grams is not None
-            save_tensor_grams(tmp, manifest, stats.tensor_grams, [i.name for i in tvs.tensors], stats.nonzero_rows)
+            save_tensor_grams(
+                tmp, manifest, stats.tensor_grams, [i.name for i in tvs.tensors], stats.nonzero_rows, stats.row_energy
+            )
         if unrounded_metrics is not None:
             for t, task in enumerate(manifest["tasks"]):
                 task["rel_error_unrounded"] = float(unrounded_metrics["rel_error"][t])
@@ -289,10 +292,11 @@ def save_tensor_grams(
     grams: dict[str, np.ndarray],
     names: list[str],
     nonzero_rows: dict[str, np.ndarray] | None = None,
+    row_energy: dict[str, np.ndarray] | None = None,
 ) -> None:
     """Write the per-tensor Gram matrices (one (T, T) float64 tensor per tensor name) and, if
-    known, the per-tensor counts of nonzero rows ((T,) int64), and record them in ``manifest``;
-    the tensor order is the layout's."""
+    known, the per-tensor counts of nonzero rows ((T,) int64) and row energies ((rows,)
+    float64), and record them in ``manifest``; the tensor order is the layout's."""
     T = manifest["n_tasks"]
     for name in names:
         if grams[name].shape != (T, T):
@@ -306,6 +310,9 @@ def save_tensor_grams(
         counts = {name: np.ascontiguousarray(nonzero_rows[name], dtype=np.int64) for name in names}
         save_numpy(counts, str(tmp / TENSOR_ROWS))
         manifest["tensor_stats"]["nonzero_rows"] = TENSOR_ROWS
+    if row_energy is not None:
+        save_matrices(tmp / TENSOR_ROW_ENERGY, {name: row_energy[name] for name in names})
+        manifest["tensor_stats"]["row_energy"] = TENSOR_ROW_ENERGY
 
 
 def _check_hashes(tvs: TaskVectorSet, known: GramStats, hashes: list[str]) -> None:
@@ -437,8 +444,8 @@ def _byte_counts(files: dict[str, int], manifest_bytes: int, dim: int, n_tasks: 
     atoms = sum(s for f, s in files.items() if f.startswith(f"{ATOMS_DIR}/"))
     total = sum(files.values()) + manifest_bytes
     original = dim * n_tasks * 4
-    # The per-tensor statistics (Gram matrices, row counts) count as matrices (and are also shown on their own).
-    stats_bytes = files.get(TENSOR_GRAM, 0) + files.get(TENSOR_ROWS, 0)
+    # The per-tensor statistics (Gram matrices, row counts and energies) count as matrices (also shown apart).
+    stats_bytes = sum(files.get(f, 0) for f in (TENSOR_GRAM, TENSOR_ROWS, TENSOR_ROW_ENERGY))
     tensor_gram = {"tensor_gram": stats_bytes} if TENSOR_GRAM in files else {}
     matrices = files.get(MATRICES, 0) + stats_bytes
     residuals = sum(s for f, s in files.items() if f.startswith(f"{RESIDUALS_DIR}/"))

@@ -361,6 +361,8 @@ def _build_for_budget(
             raise TvbasisError(f"{option} does not apply with --budget (the plan chooses it)")
     if out_path is None:
         raise TvbasisError("--out: missing")
+    if sensitivity is not None and plan_from is not None:
+        _note_even_rows(plan_from)
     return build_for_budget(
         base,
         sources,
@@ -377,6 +379,17 @@ def _build_for_budget(
         row_codes=row_codes,
         sensitivity=None if sensitivity is None else load_sensitivity(sensitivity),
     )
+
+
+def _note_even_rows(stats_store: Path) -> None:
+    """Say when a sensitivity-weighted plan cannot shape the error by the tasks' row energies."""
+    from tvbasis.store import open_store
+
+    if open_store(stats_store).tensor_row_energy is None:
+        _log(
+            f"warning: {stats_store} keeps no row energies (built before they were kept, or from LoRA "
+            "adapters only): --sensitivity weighs each tensor's rows evenly"
+        )
 
 
 @app.command()
@@ -932,11 +945,7 @@ def plan(
 def sensitivity_command(
     base: Annotated[str, typer.Option(help="Base model: a Hugging Face model directory with its tokenizer.")],
     texts: Annotated[Path, typer.Option(help="Calibration inputs: a text file, one text per line.")],
-    out_path: Annotated[Path, typer.Option("--out", help="Sensitivity file (JSON) to write.")],
-    task: Annotated[
-        list[str] | None,
-        typer.Option(help="NAME=PATH fine-tunes whose rows shape the error (repeat; default: isotropic error)."),
-    ] = None,
+    out_path: Annotated[Path, typer.Option("--out", help="Sensitivity file (safetensors) to write.")],
     include: Annotated[list[str] | None, typer.Option(help="Only tensors whose name matches this glob.")] = None,
     exclude: Annotated[list[str] | None, typer.Option(help="Leave out tensors matching this glob.")] = None,
     limit: Annotated[int, typer.Option(help="Use at most this many texts.")] = 128,  # sensitivity.DEFAULT_TEXTS
@@ -948,13 +957,15 @@ def sensitivity_command(
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
-    """Measure how far a unit of weight error in each tensor moves the model's outputs (mean-pooled
-    embeddings of the calibration texts), for plan/build --budget --sensitivity."""
+    """Measure how far a unit of weight error in each row of each tensor moves the model's outputs
+    (mean-pooled embeddings of the calibration texts), for plan/build --budget --sensitivity: once
+    per base model, for every set of its fine-tunes (the plan shapes it by their row energies)."""
     import time
 
+    from tvbasis.io.checkpoint import open_checkpoint
     from tvbasis.io.outputs import check_output_path
-    from tvbasis.planning.sensitivity import output_sensitivity, row_energy, save_sensitivity
-    from tvbasis.tasks import TaskVectorSet, parse_task_arg
+    from tvbasis.planning.sensitivity import row_sensitivity, save_sensitivity
+    from tvbasis.tasks.taskvectors import select_tensors
     from tvbasis.textsuite.model import text_encoder_forward
 
     set_quiet(quiet)
@@ -968,23 +979,13 @@ def sensitivity_command(
             raise TvbasisError(f"--texts {texts}: cannot read it ({exc})") from None
         lines = [t for t in lines if t.strip()][:limit]
         forward = text_encoder_forward(base, lines, max_length)
-        if task:
-            tasks = TaskVectorSet(base, [parse_task_arg(t) for t in task], include or [], exclude or [])
-            shapes = {i.name: tuple(i.shape) for i in tasks.tensors}
-            profile = row_energy(tasks)
-        else:
-            from tvbasis.io.checkpoint import open_checkpoint
-            from tvbasis.tasks.taskvectors import select_tensors
-
-            with open_checkpoint(base) as ckpt:
-                shapes = {i.name: tuple(i.shape) for i in select_tensors(ckpt.infos(), include or [], exclude or [])}
-            profile = None
+        with open_checkpoint(base) as ckpt:
+            shapes = {i.name: tuple(i.shape) for i in select_tensors(ckpt.infos(), include or [], exclude or [])}
         t0 = time.perf_counter()
-        figures = output_sensitivity(forward, shapes, profile, probes=probes, seed=seed)
+        figures = row_sensitivity(forward, shapes, probes=probes, seed=seed)
         meta = {
             "base": str(base),
             "texts": len(lines),
-            "tasks": [parse_task_arg(t).name for t in task or []],
             "probes": probes,
             "seed": seed,
             "seconds": round(time.perf_counter() - t0, 2),
@@ -1007,11 +1008,13 @@ def _print_budget_plan(
     row_codes: bool = True,
     sensitivity: Path | None = None,
 ) -> None:
-    from tvbasis.planning.budget import nonzero_rows_from_store, plan_budget, stats_from_store
+    from tvbasis.planning.budget import nonzero_rows_from_store, plan_budget, sensitivity_for_store, stats_from_store
     from tvbasis.planning.sensitivity import load_sensitivity
 
     try:
         gram, grams, shapes, names = stats_from_store(store)
+        if sensitivity is not None:
+            _note_even_rows(store)
         p = plan_budget(
             gram,
             grams,
@@ -1023,7 +1026,7 @@ def _print_budget_plan(
             noise_weight=noise_weight,
             objective=objective,
             nonzero_rows=nonzero_rows_from_store(store) if row_codes else None,
-            sensitivity=None if sensitivity is None else load_sensitivity(sensitivity),
+            sensitivity=None if sensitivity is None else sensitivity_for_store(store, load_sensitivity(sensitivity)),
         )
     except TvbasisError as exc:
         _fail(exc)

@@ -161,6 +161,7 @@ def add_task(
         counts = {n: np.append(c, stats.nonzero_rows[n][0]) for n, c in counts.items()}
     else:
         counts = None
+    energy = _grown_row_energy(store.tensor_row_energy, stats.row_energy, T, known=not missing)
     # The projection and its error use inner products of the very same atom bytes: the stored
     # atom_gram may be exact (from G) while the atoms on disk are rounded, and for a task that
     # lies in their span the error formula would magnify that mismatch.
@@ -183,7 +184,17 @@ def add_task(
     }
     manifest = _updated_manifest(store, [*store.manifest["tasks"], entry], f"add-task {task.name}")
     result = AddedTask(task.name, entry["rel_error"], entry["cosine"], w[:, 0], not missing, missing)
-    return _write(store, out_path, manifest, matrices, tensor_grams, counts), result
+    return _write(store, out_path, manifest, matrices, tensor_grams, counts, energy), result
+
+
+def _grown_row_energy(
+    old: dict[str, np.ndarray] | None, new: dict[str, np.ndarray] | None, T: int, known: bool
+) -> dict[str, np.ndarray] | None:
+    """The tasks' mean row energy with one task added: the pass's own mean when it read every
+    task (``known``), else the old mean and the new task's rows weighed T : 1."""
+    if old is None or new is None:
+        return None
+    return new if known else {n: (T * e + new[n]) / (T + 1) for n, e in old.items()}
 
 
 def _grown(old: np.ndarray, new: np.ndarray, known: bool) -> np.ndarray:
@@ -218,6 +229,8 @@ def remove_task(
     counts = store.tensor_nonzero_rows
     counts = None if counts is None else {n: c[keep] for n, c in counts.items()}
     manifest = _updated_manifest(store, tasks, f"remove-task {name}")
+    # the tasks' mean row energy cannot lose one task's share (it is not kept per task); a refit
+    # or a new --tensor-stats build gathers it again
     return _write(store, out_path, manifest, matrices, tensor_grams, counts)
 
 
@@ -282,7 +295,14 @@ def refit(
     known = None
     if plan.passes == 1:
         hashes = [t["content_hash"] for t in m["tasks"]]
-        known = GramStats(store.gram, m["base"]["content_hash"], hashes, store.tensor_grams, store.tensor_nonzero_rows)
+        known = GramStats(
+            store.gram,
+            m["base"]["content_hash"],
+            hashes,
+            store.tensor_grams,
+            store.tensor_nonzero_rows,
+            store.tensor_row_energy,
+        )
     return build_store(
         plan.base,
         plan.tasks,
@@ -325,6 +345,7 @@ def _write(
     matrices: dict[str, np.ndarray],
     tensor_grams: dict[str, np.ndarray] | None = None,
     nonzero_rows: dict[str, np.ndarray] | None = None,
+    row_energy: dict[str, np.ndarray] | None = None,
 ) -> Store:
     """Write the updated store at ``out`` (replacing ``store`` itself when ``out`` is its path)."""
     manifest.pop("tensor_stats", None)  # set again below when the per-tensor Gram matrices are written
@@ -343,6 +364,6 @@ def _write(
                     shutil.copy2(f, dst)
         save_matrices(tmp / MATRICES, matrices)
         if tensor_grams is not None:
-            save_tensor_grams(tmp, manifest, tensor_grams, list(tensor_grams), nonzero_rows)
+            save_tensor_grams(tmp, manifest, tensor_grams, list(tensor_grams), nonzero_rows, row_energy)
         finalise_store(tmp, manifest)
     return open_store(out)

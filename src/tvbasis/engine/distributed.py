@@ -37,6 +37,7 @@ from tvbasis.engine.streaming import (
     atom_sums,
     gram_sum,
     layout_row_counts,
+    layout_row_energy,
     symmetrised,
     symmetrised_tensor_grams,
 )
@@ -44,6 +45,9 @@ from tvbasis.errors import TvbasisError
 from tvbasis.io.hashing import ContentHash, combine_digests
 from tvbasis.progress import progress, set_quiet
 from tvbasis.tasks.taskvectors import PARTITION_ELEMENTS, TaskSource, TaskVectorSet, plan_partitions
+
+#: Per-tensor statistics of a partition (None where not gathered).
+_PerTensor = dict[str, np.ndarray] | None
 
 
 @dataclass(frozen=True)
@@ -65,14 +69,15 @@ class TaskVectorSpec:
 
 def _gram_partition(
     spec: TaskVectorSpec, tensors: list[str], chunk_elements: int, partition_elements: int, tensor_stats: bool = False
-) -> tuple[np.ndarray, list[list[bytes]], dict[str, np.ndarray] | None, dict[str, np.ndarray] | None]:
+) -> tuple[np.ndarray, list[list[bytes]], _PerTensor, _PerTensor, _PerTensor]:
     set_quiet(True)
     tvs = spec.open(tensors)
     hashers = [ContentHash() for _ in range(tvs.n_tasks + 1)]
-    per_tensor: dict[str, np.ndarray] | None = {} if tensor_stats else None
-    counts: dict[str, np.ndarray] | None = {} if tensor_stats else None
-    gram = gram_sum(tvs, chunk_elements, None, hashers, partition_elements, per_tensor, counts)
-    return gram, [h.digests for h in hashers], per_tensor, counts
+    per_tensor: _PerTensor = {} if tensor_stats else None
+    counts: _PerTensor = {} if tensor_stats else None
+    energy: _PerTensor = {} if tensor_stats else None
+    gram = gram_sum(tvs, chunk_elements, None, hashers, partition_elements, per_tensor, counts, energy)
+    return gram, [h.digests for h in hashers], per_tensor, counts, energy
 
 
 def _atom_partition(
@@ -210,16 +215,16 @@ class DaskEngine:
         gram = np.zeros((tvs.n_tasks, tvs.n_tasks), dtype=np.float64)
         digests: list[list[bytes]] = [[] for _ in range(tvs.n_tasks + 1)]
         # Each tensor lies in one partition, so its G_n comes whole from one worker.
-        per_tensor: dict[str, np.ndarray] | None = {} if tensor_stats else None
-        counts: dict[str, np.ndarray] | None = {} if tensor_stats else None
-        for part_gram, part_digests, part_tensors, part_counts in results:
+        per_tensor: _PerTensor = {} if tensor_stats else None
+        counts: _PerTensor = {} if tensor_stats else None
+        energy: _PerTensor = {} if tensor_stats else None
+        for part_gram, part_digests, part_tensors, part_counts, part_energy in results:
             gram += part_gram
             for mine, theirs in zip(digests, part_digests, strict=True):
                 mine.extend(theirs)
-            if per_tensor is not None:
-                per_tensor.update(part_tensors)
-            if counts is not None:
-                counts.update(part_counts)
+            for whole, part in ((per_tensor, part_tensors), (counts, part_counts), (energy, part_energy)):
+                if whole is not None and part is not None:
+                    whole.update(part)
         hashes = [combine_digests(d) for d in digests] if hash_inputs else [""] * (tvs.n_tasks + 1)
         return GramStats(
             symmetrised(gram),
@@ -227,6 +232,7 @@ class DaskEngine:
             hashes[1:],
             symmetrised_tensor_grams(tvs, per_tensor),
             layout_row_counts(tvs, counts),
+            layout_row_energy(tvs, energy),
         )
 
     def atom_pass(

@@ -44,6 +44,7 @@ from typing import Generic, Protocol, TypeVar
 import numpy as np
 import torch
 
+from tvbasis.codes.core import row_view_shape
 from tvbasis.errors import TvbasisError
 from tvbasis.io.hashing import ContentHash
 from tvbasis.io.lora import LowRank
@@ -90,6 +91,10 @@ class GramStats:
     #: int64 (rows as the codes see them: a 1-D tensor is one row). None where the pass did not
     #: see the tasks' rows (only LoRA tasks: their Gram comes from the factors).
     nonzero_rows: dict[str, np.ndarray] | None = None
+    #: With ``tensor_stats`` where the rows were read (as ``nonzero_rows``): per tensor, the
+    #: tasks' mean squared norm of each row (rows,) float64, which shapes the planner's
+    #: per-tensor output sensitivity (``planning.sensitivity``).
+    row_energy: dict[str, np.ndarray] | None = None
 
 
 @dataclass
@@ -204,6 +209,7 @@ def gram_sum(
     partition_elements: int = PARTITION_ELEMENTS,
     tensor_grams: dict[str, np.ndarray] | None = None,
     nonzero_rows: dict[str, np.ndarray] | None = None,
+    row_energy: dict[str, np.ndarray] | None = None,
 ) -> np.ndarray:
     """``V^T V`` over ``tvs``' tensors, unsymmetrised: per-partition sums added in order.
 
@@ -213,7 +219,8 @@ def gram_sum(
     accumulates the products. ``tensor_grams``, if given, receives each tensor's own
     ``X_n^T X_n`` (unsymmetrised) from the same per-chunk products: no extra read, and a
     tensor never spans two partitions, so every engine gets the same bits. ``nonzero_rows``, if
-    given, receives each tensor's count of nonzero rows per task (when the rows are read).
+    given, receives each tensor's count of nonzero rows per task, and ``row_energy`` the tasks'
+    mean squared norm of each of its rows (when the rows are read).
     """
     T = tvs.n_tasks
     chunks = plan_chunks(tvs.tensors, pass_chunk_elements(chunk_elements, T))
@@ -259,8 +266,8 @@ def gram_sum(
                     update = _mixed_update(T, dense, lora, X, factors)
                 _check_finite(tvs, chunk, np.diagonal(update))
                 partial += update
-                if nonzero_rows is not None and X is not None:
-                    _count_rows(tvs, chunk, X, nonzero_rows)
+                if X is not None and (nonzero_rows is not None or row_energy is not None):
+                    _row_stats(tvs, chunk, X, nonzero_rows, row_energy)
                 if per_tensor is not None:
                     per_tensor += update
                     if chunk.last:
@@ -278,15 +285,34 @@ def gram_sum(
     return gram
 
 
-def _count_rows(tvs: TaskVectorSet, chunk: Chunk, X: torch.Tensor, counts: dict[str, np.ndarray]) -> None:
-    """Add the chunk's nonzero rows per task to ``counts[chunk.tensor]`` (a 1-D tensor: 0 or 1)."""
+def _row_stats(
+    tvs: TaskVectorSet,
+    chunk: Chunk,
+    X: torch.Tensor,
+    counts: dict[str, np.ndarray] | None,
+    energy: dict[str, np.ndarray] | None,
+) -> None:
+    """Add the chunk's nonzero rows per task to ``counts[chunk.tensor]`` (a 1-D tensor: 0 or 1)
+    and its rows' squared norms, averaged over tasks, to ``energy[chunk.tensor]``."""
     T = X.shape[1]
-    nonzero = X.reshape(chunk.stop - chunk.start, chunk.row_numel, T).ne(0).any(dim=1)  # (rows, T)
-    total = counts.setdefault(chunk.tensor, np.zeros(T, dtype=np.int64))
-    if len(tvs.base.info(chunk.tensor).shape) >= 2:
-        total += nonzero.sum(dim=0).numpy()
-    else:
-        np.maximum(total, nonzero.any(dim=0).numpy().astype(np.int64), out=total)
+    n_rows = chunk.stop - chunk.start
+    matrix = len(tvs.base.info(chunk.tensor).shape) >= 2
+    rows = X.reshape(n_rows, chunk.row_numel, T)
+    if counts is not None:
+        nonzero = rows.ne(0).any(dim=1)  # (rows, T)
+        total = counts.setdefault(chunk.tensor, np.zeros(T, dtype=np.int64))
+        if matrix:
+            total += nonzero.sum(dim=0).numpy()
+        else:
+            np.maximum(total, nonzero.any(dim=0).numpy().astype(np.int64), out=total)
+    if energy is not None:
+        sq = torch.einsum("rct,rct->r", rows, rows).numpy() / T  # (rows,)
+        if matrix:
+            per_row = energy.setdefault(chunk.tensor, np.zeros(tvs.base.info(chunk.tensor).shape[0]))
+            per_row[chunk.start : chunk.stop] += sq
+        else:  # a 1-D (or 0-D) tensor is one row, whatever the chunks
+            per_row = energy.setdefault(chunk.tensor, np.zeros(1))
+            per_row += sq.sum()
 
 
 def _mixed_update(
@@ -362,13 +388,15 @@ def gram_pass(
     hashers = [ContentHash() for _ in range(tvs.n_tasks + 1)] if hash_inputs else None
     per_tensor: dict[str, np.ndarray] | None = {} if tensor_stats else None
     counts: dict[str, np.ndarray] | None = {} if tensor_stats else None
-    gram = gram_sum(tvs, chunk_elements, observe, hashers, partition_elements, per_tensor, counts)
+    energy: dict[str, np.ndarray] | None = {} if tensor_stats else None
+    gram = gram_sum(tvs, chunk_elements, observe, hashers, partition_elements, per_tensor, counts, energy)
     return GramStats(
         gram=symmetrised(gram),
         base_hash=hashers[0].hexdigest() if hashers else "",
         task_hashes=[h.hexdigest() for h in hashers[1:]] if hashers else [],
         tensor_grams=symmetrised_tensor_grams(tvs, per_tensor),
         nonzero_rows=layout_row_counts(tvs, counts),
+        row_energy=layout_row_energy(tvs, energy),
     )
 
 
@@ -387,6 +415,13 @@ def layout_row_counts(tvs: TaskVectorSet, counts: dict[str, np.ndarray] | None) 
         return None
     zero = np.zeros(tvs.n_tasks, dtype=np.int64)  # a tensor with no entries has no chunk
     return {i.name: counts.get(i.name, zero) for i in tvs.tensors}
+
+
+def layout_row_energy(tvs: TaskVectorSet, energy: dict[str, np.ndarray] | None) -> dict[str, np.ndarray] | None:
+    """Every tensor's per-row energy in layout order, or None where the pass did not read the rows."""
+    if energy is None or (not tvs.dense_tasks and tvs.lora_tasks):
+        return None
+    return {i.name: energy.get(i.name, np.zeros(row_view_shape(tuple(i.shape))[0])) for i in tvs.tensors}
 
 
 def symmetrised(gram: np.ndarray) -> np.ndarray:

@@ -122,3 +122,8 @@ def _jsonable(x: object) -> object:
     if isinstance(x, Path):
         return str(x)
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def default_cache_dir() -> Path:
+    """Where tvbasis caches models, fine-tunes and calibrations: $TVBASIS_CACHE or ~/.cache/tvbasis."""
+    return Path(os.environ.get("TVBASIS_CACHE", Path.home() / ".cache" / "tvbasis"))

@@ -6,7 +6,8 @@ and the code of each task's residual there (``none``, ``int8``, ``int4``, ``lloy
 comes from one pass: the per-tensor Gram matrices ``G_n`` (``build --tensor-stats``) give each
 task's residual energy ``r_nt`` on every tensor for any linear basis; a code's error on a residual
 is estimated as ``r_nt`` times the code's relative bias and variance on Gaussian rows of the
-tensor's row length (measured once per code and row length with ``codes.bias_variance``).
+tensor's row length (``planning.calibration``: measured once per code and row length with
+``codes.bias_variance``, and cached on disk).
 
 **Objective (the accuracy proxy).** Squared weight error does not predict accuracy: unbiased
 random error costs far less accuracy than the same energy of biased error. The planner
@@ -36,10 +37,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from tvbasis.codes import CodeSpec, TensorKey, bias_variance, code, nbytes, parse_code
+from tvbasis.codes import CodeSpec, nbytes, parse_code
 from tvbasis.codes.core import row_view_shape
 from tvbasis.errors import TvbasisError
 from tvbasis.io.writer import TensorSpec, safetensors_header
+from tvbasis.planning.calibration import relative_error, save_calibration
 from tvbasis.planning.estimates import atom_bytes, coefficient_bytes
 from tvbasis.store.residuals import (
     NO_CODE,
@@ -89,31 +91,8 @@ ATOM_DTYPE = "int8"
 #: estimate: a fixed part, and per tensor its layout, base fingerprint and code entries).
 FIXED_OVERHEAD = 16 * 1024
 MANIFEST_BYTES_PER_TENSOR = 400
-_CALIBRATION_ROWS = 64
-_CALIBRATION_ENTRIES = 16384
 #: Header bytes of one per-tensor atom (two parts) and its share of the coefficients' entry.
 TENSOR_ATOM_HEADER = 256
-
-
-@lru_cache(maxsize=4096)
-def relative_error(spec: CodeSpec, row_numel: int, rows: int) -> tuple[float, float]:
-    """``(bias, variance) / ||x||^2`` of ``spec`` on Gaussian rows of ``row_numel`` entries (fixed seed)."""
-    if spec.name == "none":
-        return 1.0, 0.0
-    g = torch.Generator().manual_seed(0)
-    # Row-local codes: enough rows for about _CALIBRATION_ENTRIES entries (their relative errors are
-    # averages over entries). Tensor-wide codes (low rank, top-k) see up to _CALIBRATION_ROWS rows.
-    n_rows = min(rows, _CALIBRATION_ROWS)
-    if code(spec.name).row_local:
-        n_rows = min(n_rows, -(-_CALIBRATION_ENTRIES // max(row_numel, 1)))
-    n_rows = max(1, n_rows)
-    # a 1-D tensor is one row; tensor-wide codes see a (sub)matrix of the tensor's row length
-    x = torch.randn((n_rows, row_numel), generator=g, dtype=torch.float64)
-    if rows == 1 and n_rows == 1:
-        x = x.reshape(-1)
-    err = bias_variance(spec, x, TensorKey("calibration", "calibration", 0))
-    energy = float(x.square().sum())
-    return err.bias_sq / energy, err.variance / energy
 
 
 @dataclass(frozen=True)
@@ -524,6 +503,7 @@ def _tensor_options(
                 )
                 per_tensor.append((float(losses[k]), choice))
         options.append(per_tensor)
+    save_calibration()  # what was measured for new code and row-length pairs, for the next process
     return options
 
 
@@ -729,6 +709,17 @@ def nonzero_rows_from_store(path: str | Path) -> dict[str, np.ndarray] | None:
     return open_store(path).tensor_nonzero_rows
 
 
+def sensitivity_for_store(path: str | Path, rows: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Per tensor of the statistics store at ``path``, its output sensitivity for error shaped like
+    its tasks (``rows``: ``load_sensitivity``'s row figures; the store's row energies, or rows
+    weighed evenly where the store has none: see ``Store.tensor_row_energy``)."""
+    from tvbasis.planning.sensitivity import tensor_sensitivity
+    from tvbasis.store import open_store
+
+    store = open_store(path)
+    return tensor_sensitivity(rows, store.tensor_row_energy, names=[i.name for i in store.tensors])
+
+
 def build_for_budget(
     base: str | Path,
     tasks: Sequence[Any],
@@ -749,7 +740,7 @@ def build_for_budget(
     overwrite: bool = False,
     engine: Any = None,
     row_codes: bool = True,
-    sensitivity: Mapping[str, float] | None = None,
+    sensitivity: Mapping[str, torch.Tensor] | None = None,
 ) -> Any:
     """Plan every tensor's code for ``budget`` and build that store (int8 global atoms, per-tensor
     atoms in int8 or int4, coded residuals).
@@ -757,8 +748,9 @@ def build_for_budget(
     The statistics come from ``stats_store`` (a store of the same inputs built with
     ``--tensor-stats``; its content hashes are checked while building) or from a Gram pass
     gathering them; then the atom and residual passes write the store. ``row_codes=False`` keeps
-    ``rows:...`` codes out of the plan (as planned before they existed); ``sensitivity`` weighs
-    each tensor's error (``plan_budget``). If the store comes out
+    ``rows:...`` codes out of the plan (as planned before they existed); ``sensitivity`` (the row
+    figures of ``tvbasis sensitivity``, shaped by the statistics' row energies) weighs each
+    tensor's error (``plan_budget``). If the store comes out
     above the budget (the fixed overhead is an estimate), it is planned and built once more with
     the excess taken off.
     """
@@ -787,11 +779,17 @@ def build_for_budget(
             [t["content_hash"] for t in source.manifest["tasks"]],
             grams,
             source.tensor_nonzero_rows,
+            source.tensor_row_energy,
         )
     else:
         stats = (engine or LocalEngine()).gram_pass(tvs, chunk_elements, tensor_stats=True)
         assert stats.tensor_grams is not None
         gram, grams = stats.gram, stats.tensor_grams
+    weights = None
+    if sensitivity is not None:
+        from tvbasis.planning.sensitivity import tensor_sensitivity
+
+        weights = tensor_sensitivity(sensitivity, stats.row_energy, names=list(layout))
     original = 4 * tvs.n_tasks * tvs.dim
     target = budget * original if budget <= 1 else budget
     store = None
@@ -810,7 +808,7 @@ def build_for_budget(
             tensor_atom_codes=tensor_atom_codes,
             objective=objective,
             nonzero_rows=stats.nonzero_rows if row_codes else None,
-            sensitivity=sensitivity,
+            sensitivity=weights,
         )
         store = build_store(
             base,

@@ -49,6 +49,8 @@ ATOMS_DIR = "atoms"
 TENSOR_GRAM = "tensor_gram.safetensors"
 #: With them, each tensor's count of nonzero rows per task: one (T,) int64 tensor per tensor.
 TENSOR_ROWS = "tensor_rows.safetensors"
+#: ...and the tasks' mean squared norm of each row: one (rows,) float64 tensor per tensor.
+TENSOR_ROW_ENERGY = "tensor_row_energy.safetensors"
 
 
 def vector_names(n_atoms: int, has_mean: bool) -> list[str]:
@@ -123,6 +125,12 @@ class Store:
         without per-tensor statistics, or one whose Gram pass did not read the rows)."""
         counts = self._per_tensor(TENSOR_ROWS, "row counts")
         return None if counts is None else {n: c.astype(np.int64) for n, c in counts.items()}
+
+    @cached_property
+    def tensor_row_energy(self) -> dict[str, np.ndarray] | None:
+        """Each tensor's per-row energy, the tasks' mean squared row norm (rows,) float64 in
+        layout order, or None (as ``tensor_nonzero_rows``)."""
+        return self._per_tensor(TENSOR_ROW_ENERGY, "row energies")
 
     def _per_tensor(self, file: str, what: str) -> dict[str, np.ndarray] | None:
         """One array per tensor from ``file`` in layout order, or None if the store has no such file."""

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tvbasis.io.cache_dirs import default_cache_dir
 from tvbasis.textsuite.data import TASK_NAMES
 from tvbasis.textsuite.suite import SuiteConfig
 
 
 def default_cache() -> Path:
     """Where fine-tunes and derived models are cached: $TVBASIS_CACHE or ~/.cache/tvbasis."""
-    import os
-
-    return Path(os.environ.get("TVBASIS_CACHE", Path.home() / ".cache" / "tvbasis"))
+    return default_cache_dir()
 
 
 def demo_config(out_dir: Path, cache_dir: Path) -> SuiteConfig:
