@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from frontier import REFERENCE_CALIBRATION, parse_calibration
 from tvbasis.build import build_store
 from tvbasis.methods import make_method
@@ -83,21 +85,21 @@ def main() -> None:
     tvs = TaskVectorSet(base, sources)
     shapes_of = {i.name: tuple(i.shape) for i in tvs.tensors}
 
-    def measure(per_task: int, probes: int) -> tuple[dict[str, float], float]:
+    def measure(per_task: int, probes: int) -> tuple[dict[str, torch.Tensor], float]:
         t0 = time.perf_counter()
         texts = [e.text for t in tasks for e in t.train[:per_task]]
         forward = text_encoder_forward(base, texts, DEFAULT_MAX_LENGTH)
-        rows = row_sensitivity(forward, shapes_of, probes=probes)
-        seconds = time.perf_counter() - t0
-        return planner.sensitivity_for_store(stats, rows), seconds
+        return row_sensitivity(forward, shapes_of, probes=probes), time.perf_counter() - t0
 
     default_texts = DEFAULT_TEXTS // len(tasks)
-    sensitivity, sensitivity_s = measure(default_texts, DEFAULT_PROBES)
+    rows, sensitivity_s = measure(default_texts, DEFAULT_PROBES)
     reference_texts, reference_probes = parse_calibration(REFERENCE_CALIBRATION)
-    reference, reference_s = measure(reference_texts, reference_probes)
+    reference_rows, reference_s = measure(reference_texts, reference_probes)
     t0 = time.perf_counter()
+    sensitivity = planner.sensitivity_for_store(stats, rows)  # shaped by the statistics' row energies
     plan(sensitivity=sensitivity)
     weighted = time.perf_counter() - t0
+    reference = planner.sensitivity_for_store(stats, reference_rows)
     agreement = []
     for budget in (1 / 64, 1 / 256):
         own, ref = plan(budget, sensitivity), plan(budget, reference)

@@ -293,3 +293,26 @@ def test_replanning_with_exact_headers_spends_the_budget(correlated, monkeypatch
     assert plan.overhead_bytes >= int(0.2 * payload) and plan.nbytes <= budget
     # the second plan overshoots with its own headers; keeping the first would leave 18% unspent
     assert plan.nbytes > 0.9 * budget
+
+
+def test_a_plan_leaves_the_codes_calibration_for_the_next_process(
+    correlated, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tvbasis.planning import calibration
+
+    monkeypatch.setenv("TVBASIS_CACHE", str(tmp_path))
+    calibration.forget_calibration()
+    try:
+        gram, grams, shapes, names = stats_from_store(correlated[1])
+        plan = plan_budget(gram, grams, shapes, 0.2, task_names=names)
+        assert calibration.calibration_file().is_file()
+        calibration.forget_calibration()  # as a new process
+
+        def fail(*args: object) -> None:
+            raise AssertionError(f"measured {args} again")
+
+        monkeypatch.setattr(calibration, "measure_relative_error", fail)
+        again = plan_budget(gram, grams, shapes, 0.2, task_names=names)
+        assert again.codes == plan.codes and again.loss == plan.loss
+    finally:
+        calibration.forget_calibration()
