@@ -167,7 +167,7 @@ def add_planner_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--sensitivity",
         action="store_true",
-        help="weigh each tensor's error by its output sensitivity (sensitivity.json beside the stats store; labelled)",
+        help="weigh each tensor's error by its output sensitivity (sensitivity.safetensors by the stats; labelled)",
     )
     ap.add_argument(
         "--sensitivity-calibration",
