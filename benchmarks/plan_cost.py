@@ -125,7 +125,7 @@ def main() -> None:
         ("first", "new process, codes' calibration measured"),
         ("cached", "new process, calibration cached"),
     ):
-        print(f"planning, new process, {what}: {timings[label]:.2f} s = {timings[label] / build_s:.3f}")
+        print(f"planning, {what}: {timings[label]:.2f} s = {timings[label] / build_s:.3f}")
     print(f"planning, warm: {warm:.2f} s = {warm / build_s:.3f}")
     print(
         f"output sensitivity, default ({default_texts * len(tasks)} texts, {DEFAULT_PROBES} probe; once per base "

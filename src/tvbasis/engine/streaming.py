@@ -297,16 +297,16 @@ def _row_stats(
     T = X.shape[1]
     n_rows = chunk.stop - chunk.start
     matrix = len(tvs.base.info(chunk.tensor).shape) >= 2
-    rows = X.reshape(n_rows, chunk.row_numel, T)
+    rows = X.T.reshape(T, n_rows, chunk.row_numel)  # X.T is the contiguous one: a view, no copy
     if counts is not None:
-        nonzero = rows.ne(0).any(dim=1)  # (rows, T)
+        nonzero = rows.ne(0).any(dim=2)  # (T, rows)
         total = counts.setdefault(chunk.tensor, np.zeros(T, dtype=np.int64))
         if matrix:
-            total += nonzero.sum(dim=0).numpy()
+            total += nonzero.sum(dim=1).numpy()
         else:
-            np.maximum(total, nonzero.any(dim=0).numpy().astype(np.int64), out=total)
+            np.maximum(total, nonzero.any(dim=1).numpy().astype(np.int64), out=total)
     if energy is not None:
-        sq = torch.einsum("rct,rct->r", rows, rows).numpy() / T  # (rows,)
+        sq = torch.linalg.vector_norm(rows, dim=2).square_().sum(dim=0).numpy() / T  # (rows,)
         if matrix:
             per_row = energy.setdefault(chunk.tensor, np.zeros(tvs.base.info(chunk.tensor).shape[0]))
             per_row[chunk.start : chunk.stop] += sq
