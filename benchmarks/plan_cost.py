@@ -67,18 +67,20 @@ def main() -> None:
         planner._residual_bytes.cache_clear()
 
     timings = {}
+    cache = os.environ.get("TVBASIS_CACHE")
     with tempfile.TemporaryDirectory() as empty:
-        cache = os.environ.get("TVBASIS_CACHE")
         os.environ["TVBASIS_CACHE"] = empty  # a machine that never planned: no calibration on disk
-        for label in ("first", "cached"):
-            new_process()
-            t0 = time.perf_counter()
-            plan()
-            timings[label] = time.perf_counter() - t0
-        if cache is None:
-            os.environ.pop("TVBASIS_CACHE")
-        else:
-            os.environ["TVBASIS_CACHE"] = cache
+        try:
+            for label in ("first", "cached"):
+                new_process()
+                t0 = time.perf_counter()
+                plan()
+                timings[label] = time.perf_counter() - t0
+        finally:
+            if cache is None:
+                os.environ.pop("TVBASIS_CACHE")
+            else:
+                os.environ["TVBASIS_CACHE"] = cache
     t0 = time.perf_counter()
     planned = plan()
     warm = time.perf_counter() - t0
