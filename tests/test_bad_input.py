@@ -32,6 +32,7 @@ from tvbasis.arithmetic import edit_model, reconstruct_task, task_coefficients, 
 from tvbasis.build import build_store
 from tvbasis.cli import app
 from tvbasis.errors import CheckpointError, TvbasisError
+from tvbasis.interop.official import UnsafeLoadWarning, load_torch_file
 from tvbasis.io.checkpoint import open_checkpoint
 from tvbasis.methods import make_method
 from tvbasis.recipe import load_recipe
@@ -927,8 +928,10 @@ def test_torch_file_needing_code_execution_is_refused_and_its_code_never_runs(en
         TaskVectorSet(env.fam.base, env.with_bad_task(evil), exclude=EXCLUDE)
     assert not marker.exists()
 
-    # The file really does run code when loaded without weights_only: the refusal is what kept it out.
-    torch.load(evil, weights_only=False)
+    # The file really does run code when its loader is told to trust it (the explicit opt-in,
+    # --trust-pickle): the refusal is what kept it out.
+    with pytest.warns(UnsafeLoadWarning, match="code execution allowed"):
+        load_torch_file(evil, trust_pickle=True)
     assert marker.read_text() == "code ran while loading"
 
 
