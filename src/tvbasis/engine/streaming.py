@@ -296,7 +296,8 @@ def _row_stats(
     and its rows' squared norms, averaged over tasks, to ``energy[chunk.tensor]``."""
     T = X.shape[1]
     n_rows = chunk.stop - chunk.start
-    matrix = len(tvs.base.info(chunk.tensor).shape) >= 2
+    shape = tvs.base.info(chunk.tensor).shape
+    matrix = len(shape) >= 2
     rows = X.T.reshape(T, n_rows, chunk.row_numel)  # X.T is the contiguous one: a view, no copy
     if counts is not None:
         nonzero = rows.ne(0).any(dim=2)  # (T, rows)
@@ -308,7 +309,7 @@ def _row_stats(
     if energy is not None:
         sq = torch.linalg.vector_norm(rows, dim=2).square_().sum(dim=0).numpy() / T  # (rows,)
         if matrix:
-            per_row = energy.setdefault(chunk.tensor, np.zeros(tvs.base.info(chunk.tensor).shape[0]))
+            per_row = energy.setdefault(chunk.tensor, np.zeros(shape[0]))
             per_row[chunk.start : chunk.stop] += sq
         else:  # a 1-D (or 0-D) tensor is one row, whatever the chunks
             per_row = energy.setdefault(chunk.tensor, np.zeros(1))

@@ -70,10 +70,6 @@ def relative_error(spec: CodeSpec, row_numel: int, rows: int) -> tuple[float, fl
     """``measure_relative_error``, from memory or the on-disk cache where measured before. Tensors
     whose calibration sees the same rows share one entry (row-local codes see the same few rows
     of any tall tensor)."""
-    return _cached(spec, row_numel, rows)
-
-
-def _cached(spec: CodeSpec, row_numel: int, rows: int) -> tuple[float, float]:
     global _dirty
     if spec.name == "none":
         return 1.0, 0.0
